@@ -1,0 +1,1 @@
+"""visiontune's Hydra configs; shipped in the package as visiontune.conf."""

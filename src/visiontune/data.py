@@ -1,0 +1,222 @@
+"""Image folders: download and verify, check the layout, decode, transform, batch."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from visiontune import VisiontuneError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLITS = ("train", "val")
+
+Sample = tuple[str, int]
+
+
+# --- getting the folder ---------------------------------------------------------------------
+
+
+def prepare_root(root: Path, url: str | None, md5: str | None, tree_sha256: str | None) -> Path:
+    """The data folder, downloaded from `url` first if it is missing and a URL is known."""
+    if root.exists():
+        return root
+    if not url:
+        raise VisiontuneError(
+            f"data.root={root} does not exist. Point data.root at a folder holding train/ and val/ "
+            f"class folders (data.root=/path/to/images)."
+        )
+    download(url, root, md5, tree_sha256)
+    return root
+
+
+def download(url: str, root: Path, md5: str | None, tree_sha256: str | None) -> None:
+    """Download and extract the archive at `url` so that its top folder becomes `root`."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    staging = root.parent / f".{root.name}.download"
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("data.root=%s is missing: downloading %s", root, url)
+    try:
+        download_and_extract_archive(url, download_root=str(staging), md5=md5)
+    except Exception as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise VisiontuneError(
+            f"could not download {url} for data.root={root}: {err}. On an offline machine, "
+            f"unpack the archive yourself and pass data.root=/path/to/its/folder."
+        ) from err
+    tops = [p for p in staging.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))]
+    if len(tops) != 1:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise VisiontuneError(f"the archive at {url} should hold one top folder, found {len(tops)}")
+    if tree_sha256 and (actual := tree_digest(tops[0])) != tree_sha256:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise VisiontuneError(
+            f"the files downloaded from {url} fail their checksum (tree sha256 {actual}, "
+            f"expected {tree_sha256}): the download is damaged or the archive changed. "
+            f"Nothing was kept; run again, or unpack a trusted copy and pass data.root."
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tops[0].rename(root)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over the sorted 'relative/path<TAB>sha256(file)' lines of every file below root."""
+    lines = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        lines.append(f"{path.relative_to(root).as_posix()}\t{digest}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+# --- checking it ------------------------------------------------------------------------------
+
+
+def find_samples(root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
+    """Class names and (path, label) samples of each split, after checking the layout."""
+    split_classes = {split: _class_folders(root, split) for split in SPLITS}
+    if split_classes["train"] != split_classes["val"]:
+        only_train = sorted(set(split_classes["train"]) - set(split_classes["val"]))
+        only_val = sorted(set(split_classes["val"]) - set(split_classes["train"]))
+        raise VisiontuneError(
+            f"train/ and val/ under {root} have different class folders: only in train {only_train}, "
+            f"only in val {only_val}. Both splits need the same class folders."
+        )
+    classes = split_classes["train"]
+    samples = {}
+    for split in SPLITS:
+        samples[split] = [
+            (str(path), label)
+            for label, name in enumerate(classes)
+            for path in sorted((root / split / name).rglob("*"))
+            if path.suffix.lower() in IMG_EXTENSIONS and path.is_file()
+        ]
+        if not samples[split]:
+            raise VisiontuneError(
+                f"{root / split} has class folders {classes} but no images in them "
+                f"(extensions {', '.join(IMG_EXTENSIONS)})."
+            )
+    return classes, samples
+
+
+def _class_folders(root: Path, split: str) -> list[str]:
+    folder = root / split
+    if not folder.is_dir():
+        raise VisiontuneError(
+            f"{folder} is missing: data.root must hold train/ and val/ folders, each with one "
+            f"sub-folder per class (data.root={root})."
+        )
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise VisiontuneError(f"{folder} has no class folders: put each class's images in {folder}/<class>/")
+    return classes
+
+
+def drop_unreadable(samples: list[Sample], skip: bool) -> tuple[list[Sample], int]:
+    """Check each image's header once; fail on the first bad file, or leave bad ones out."""
+    good, bad = [], []
+    for sample in samples:
+        (good if _header_ok(sample[0]) else bad).append(sample)
+    if bad and not skip:
+        names = ", ".join(path for path, _ in bad[:3])
+        raise VisiontuneError(
+            f"{len(bad)} image file(s) cannot be read, e.g. {names}. Remove or replace them, or "
+            f"pass data.skip_bad_images=true to train without them."
+        )
+    for path, _ in bad:
+        log.warning("skipping unreadable image %s", path)
+    return good, len(bad)
+
+
+def _header_ok(path: str) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 - parsing the header is the check
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
+# --- decoding and batching -------------------------------------------------------------------
+
+
+class ImageFiles(Dataset):
+    """(image tensor, label) pairs decoded with torchvision.io from a list of files."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, skip_bad: bool = False):
+        self.samples = list(samples)
+        self.transform = transform
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            image = decode_image(path, mode=ImageReadMode.RGB)
+        except RuntimeError as err:
+            # A header that parsed but data that does not decode (a truncated file, say).
+            if self.skip_bad:
+                log.warning("skipping image that does not decode: %s (%s)", path, err)
+                return None
+            raise VisiontuneError(
+                f"image {path} does not decode ({err}). Replace it, or pass "
+                f"data.skip_bad_images=true to leave such files out."
+            ) from err
+        return self.transform(image), label
+
+
+def transforms(input_size: int) -> dict[str, v2.Compose]:
+    """The tutorial's transforms, on uint8 tensors: random crop and flip to train, centre crop to validate."""
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return {
+        "train": v2.Compose(
+            [v2.RandomResizedCrop(input_size, antialias=True), v2.RandomHorizontalFlip(), *to_float]
+        ),
+        "val": v2.Compose([v2.Resize(input_size, antialias=True), v2.CenterCrop(input_size), *to_float]),
+    }
+
+
+def _collate(batch):
+    return torch.utils.data.default_collate([item for item in batch if item is not None])
+
+
+def build_loaders(
+    samples: dict[str, list[Sample]],
+    input_size: int,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    pin_memory: bool,
+    skip_bad: bool,
+) -> dict[str, DataLoader]:
+    """Shuffled train and ordered val loaders whose workers live for the whole run."""
+    tfms = transforms(input_size)
+    loaders = {}
+    for split in SPLITS:
+        loaders[split] = DataLoader(
+            ImageFiles(samples[split], tfms[split], skip_bad),
+            batch_size=batch_size,
+            shuffle=split == "train",
+            num_workers=num_workers,
+            # Workers start once, not once per epoch and phase as in the tutorial.
+            persistent_workers=num_workers > 0,
+            pin_memory=pin_memory,
+            collate_fn=_collate,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    return loaders

@@ -1,0 +1,139 @@
+"""Everything MLflow: where the store lives, runs whose status is true, params, metrics, models."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from visiontune import user_message
+
+log = logging.getLogger(__name__)
+
+# MLflow rejects longer param values (mlflow.utils.validation); we shorten instead of failing.
+PARAM_VALUE_LIMIT = 6000
+ERROR_TAG = "error"
+
+
+def tracking_uri(configured: str | None, launch_dir: Path) -> str:
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite store in <launch dir>/outputs."""
+    if configured:
+        return str(configured)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(launch_dir / 'outputs' / 'mlflow.db').resolve()}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts beside a local SQLite store (outputs/mlartifacts); a server decides its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, creating the store and the experiment if they do not exist yet."""
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our look-up and create: use theirs.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+@contextlib.contextmanager
+def tracked_run(
+    uri: str,
+    experiment_id: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    parent_run_id: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run that ends FINISHED, FAILED (error tag set) or KILLED, whatever happens inside."""
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, tags=dict(tags), parent_run_id=parent_run_id
+    )
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as err:
+        mlflow.set_tag(ERROR_TAG, user_message(err)[:PARAM_VALUE_LIMIT])
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
+    """{'optimizer': {'lr': 0.1}} -> {'optimizer.lr': 0.1}; leaves underscored keys out."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if str(key).startswith("_"):
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def shorten(value: object, limit: int = PARAM_VALUE_LIMIT) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def log_params(params: Mapping[str, object]) -> None:
+    mlflow.log_params({key: shorten(value) for key, value in params.items()})
+
+
+def log_model(model, example) -> str:
+    """Log a CPU copy of `model` with signature and input example; returns its model URI."""
+    import torch
+    import torchvision
+    from mlflow.models import infer_signature
+
+    model = model.to("cpu").eval()
+    with torch.inference_mode():
+        prediction = model(example)
+    signature = infer_signature(example.numpy(), prediction.numpy())
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=signature,
+        input_example=example.numpy(),
+        # A pickled nn.Module takes any batch size; MLflow's torch.export format would fix the
+        # batch dimension to the input example's.
+        serialization_format="pickle",
+        # Stated, not inferred: inference would start a new Python that imports torch again.
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"torchvision=={torchvision.__version__.split('+')[0]}",
+        ],
+    )
+    return info.model_uri
+
+
+# A multirun's parent run id, written once into the sweep folder before any job starts, so
+# that jobs in this process and in joblib's worker processes all find the same parent.
+PARENT_RUN_FILE = ".mlflow_parent_run_id"
+
+
+def parent_run_id(sweep_dir: Path) -> str | None:
+    path = sweep_dir / PARENT_RUN_FILE
+    return path.read_text().strip() if path.is_file() else None

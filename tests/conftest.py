@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny real image folders, stand-in weight files, the real CLI, the real store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "hymenoptera_data"
+ARCHS = {
+    "resnet": "resnet18",
+    "alexnet": "alexnet",
+    "vgg": "vgg11_bn",
+    "squeezenet": "squeezenet1_0",
+    "densenet": "densenet121",
+    "inception": "inception_v3",
+}
+MODES = ("finetune", "feature_extract", "scratch")
+# Small inputs keep CPU tests fast; inception trains its auxiliary head only at its full 299 px.
+TEST_INPUT_SIZE = {"inception": 299}
+
+
+def compose_cfg(*overrides: str):
+    """The real config, composed through Hydra's compose API exactly as the CLI composes it."""
+    with initialize_config_module(config_module="visiontune.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def make_image_folder(root: Path, per_class: dict[str, int], classes=("ants", "bees"), size=(48, 40)) -> Path:
+    """root/<split>/<class>/*.jpg: real JPEGs, each class a different dominant colour plus noise."""
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 90, size=(size[1], size[0], 3), dtype=np.uint8)
+                pixels[..., label % 3] += 150
+                Image.fromarray(pixels).save(folder / f"{name}_{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data") / "tiny", {"train": 6, "val": 4})
+
+
+@pytest.fixture(scope="session")
+def standin_weights(tmp_path_factory):
+    """arch name -> a state-dict file saved from a randomly initialised 1000-class model."""
+    import torch
+    from torchvision import models
+
+    folder = tmp_path_factory.mktemp("weights")
+    cache: dict[str, Path] = {}
+
+    def path_for(arch: str) -> Path:
+        if arch not in cache:
+            kwargs = {"init_weights": False} if arch == "inception_v3" else {}
+            torch.manual_seed(1)
+            model = models.get_model(arch, weights=None, **kwargs)
+            cache[arch] = folder / f"{arch}.pth"
+            torch.save(model.state_dict(), cache[arch])
+        return cache[arch]
+
+    return path_for
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    env["TORCH_HOME"] = str(tmp_path / "torch_home")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_cli(cwd: Path, *args: str, module: str = "visiontune.train", env=None, timeout=600):
+    """Run a visiontune command as a user would, in `cwd`; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env or cli_env(cwd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# Overrides that make a CLI run take seconds on a CPU.
+FAST = ("epochs=1", "num_workers=0", "batch_size=4", "model.input_size=64")
+
+
+def store_runs(store: Path, experiment: str = "visiontune"):
+    """Every run in the SQLite store at `store`, as MLflow's client returns them."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store}")
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], max_results=1000)
