@@ -12,7 +12,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from visiontune import VisiontuneError
@@ -167,8 +166,9 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            image = decode_image(path, mode=ImageReadMode.RGB)
-        except RuntimeError as err:
+            with Image.open(path) as image:
+                pixels = _to_uint8(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as err:
             # A header that parsed but data that does not decode (a truncated file, say).
             if self.skip_bad:
                 log.warning("skipping image that does not decode: %s (%s)", path, err)
@@ -177,7 +177,12 @@ class ImageFiles(Dataset):
                 f"image {path} does not decode ({err}). Replace it, or pass "
                 f"data.skip_bad_images=true to leave such files out."
             ) from err
-        return self.transform(image), label
+        return self.transform(pixels), label
+
+
+# PIL decodes (libjpeg-turbo in Pillow's wheels); the rest runs on uint8 tensors, whose
+# antialiased resize in torch is vectorised.
+_to_uint8 = v2.PILToTensor()
 
 
 def transforms(input_size: int) -> dict[str, v2.Compose]:

@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg)
     except VisiontuneError as err:
-        log.error("%s", user_message(err))
+        log.error("error: %s", user_message(err))
         if multirun:  # the sweep goes on; the job's MLflow run is already FAILED
             return None
         raise SystemExit(1) from None

@@ -1,0 +1,145 @@
+"""Folder checks, real decoding, transforms and the verified download, all on local files."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, compose_cfg, make_image_folder
+from visiontune import VisiontuneError, data
+
+
+def test_find_samples_labels_every_image(tiny_folder):
+    classes, samples = data.find_samples(tiny_folder)
+    assert classes == ["ants", "bees"]
+    assert len(samples["train"]) == 12 and len(samples["val"]) == 8
+    assert {label for _, label in samples["val"]} == {0, 1}
+    assert all(Path(p).parent.name == classes[label] for p, label in samples["train"])
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_transforms_give_the_model_input_size(tiny_folder, split):
+    _, samples = data.find_samples(tiny_folder)
+    dataset = data.ImageFiles(samples[split], data.transforms(72)[split])
+    image, label = dataset[0]
+    assert image.shape == (3, 72, 72) and image.dtype == torch.float32
+    assert -3 < image.mean() < 3 and label in (0, 1)
+
+
+def test_loaders_batch_real_images(tiny_folder):
+    _, samples = data.find_samples(tiny_folder)
+    loaders = data.build_loaders(samples, 64, 5, 0, 0, False, False)
+    images, labels = next(iter(loaders["train"]))
+    assert images.shape == (5, 3, 64, 64) and labels.shape == (5,)
+    assert sum(len(b[1]) for b in loaders["val"]) == 8
+
+
+def test_missing_root_says_how_to_point_at_data(tmp_path):
+    with pytest.raises(VisiontuneError, match="does not exist.*data.root="):
+        data.prepare_root(tmp_path / "nowhere", None, None, None)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_missing_split(tmp_path, split):
+    root = make_image_folder(tmp_path / "d", {"train": 1, "val": 1})
+    shutil.rmtree(root / split)
+    with pytest.raises(VisiontuneError, match=f"{split} is missing"):
+        data.find_samples(root)
+
+
+def test_different_class_folders(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": 1, "val": 1})
+    make_image_folder(root, {"val": 1}, classes=("wasps",))
+    with pytest.raises(VisiontuneError, match=r"only in val \['wasps'\]"):
+        data.find_samples(root)
+
+
+def test_split_without_images(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": 1, "val": 1})
+    for image in (root / "val").rglob("*.jpg"):
+        image.unlink()
+    with pytest.raises(VisiontuneError, match="no images"):
+        data.find_samples(root)
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": 2, "val": 1})
+    bad = root / "train" / "ants" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    _, samples = data.find_samples(root)
+    with pytest.raises(VisiontuneError, match="broken.jpg.*skip_bad_images=true"):
+        data.drop_unreadable(samples["train"], skip=False)
+    kept, skipped = data.drop_unreadable(samples["train"], skip=True)
+    assert skipped == 1 and len(kept) == 4 and all("broken" not in p for p, _ in kept)
+
+
+def test_truncated_image_fails_at_decode_with_its_name(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": 1, "val": 1}, size=(300, 200))
+    path = next((root / "train" / "ants").glob("*.jpg"))
+    path.write_bytes(path.read_bytes()[:400])  # the header parses, the pixels are gone
+    dataset = data.ImageFiles([(str(path), 0)], data.transforms(32)["val"])
+    with pytest.raises(VisiontuneError, match=path.name):
+        dataset[0]
+    assert data.ImageFiles([(str(path), 0)], data.transforms(32)["val"], skip_bad=True)[0] is None
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the shared hymenoptera copy is not beside this checkout")
+def test_hymenoptera_tree_checksum_matches_the_real_data():
+    assert data.tree_digest(SHARED_DATA) == compose_cfg().data.tree_sha256
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """A real HTTP server on localhost serving tmp_path/served, for the download code."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join()
+
+
+def _zip_folder(folder: Path, archive: Path) -> str:
+    shutil.make_archive(str(archive.with_suffix("")), "zip", folder.parent, folder.name)
+    return hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+def test_download_verifies_and_extracts_a_local_archive(tmp_path, local_server):
+    served, base = local_server
+    source = make_image_folder(tmp_path / "src" / "insects", {"train": 1, "val": 1})
+    md5 = _zip_folder(source, served / "insects.zip")
+    root = tmp_path / "data" / "my_insects"
+    got = data.prepare_root(root, f"{base}/insects.zip", md5, data.tree_digest(source))
+    assert got == root
+    assert data.find_samples(root)[0] == ["ants", "bees"]
+    assert not any(p.name.startswith(".") for p in root.parent.iterdir())
+
+
+def test_download_with_wrong_checksum_keeps_nothing(tmp_path, local_server):
+    served, base = local_server
+    source = make_image_folder(tmp_path / "src" / "insects", {"train": 1, "val": 1})
+    _zip_folder(source, served / "insects.zip")
+    root = tmp_path / "data" / "insects"
+    with pytest.raises(VisiontuneError, match="fail their checksum"):
+        data.prepare_root(root, f"{base}/insects.zip", None, "0" * 64)
+    assert not root.exists() and list((tmp_path / "data").iterdir()) == []
+
+
+def test_download_with_wrong_archive_md5_is_refused(tmp_path, local_server):
+    served, base = local_server
+    _zip_folder(make_image_folder(tmp_path / "src" / "insects", {"train": 1, "val": 1}), served / "i.zip")
+    root = tmp_path / "data" / "insects"
+    with pytest.raises(VisiontuneError, match="could not download"):
+        data.prepare_root(root, f"{base}/i.zip", "0" * 32, None)
+    assert not root.exists()
