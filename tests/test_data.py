@@ -87,7 +87,9 @@ def test_truncated_image_fails_at_decode_with_its_name(tmp_path):
     assert data.ImageFiles([(str(path), 0)], data.transforms(32)["val"], skip_bad=True)[0] is None
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the shared hymenoptera copy is not beside this checkout")
+@pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason="the shared hymenoptera copy is not beside this checkout"
+)
 def test_hymenoptera_tree_checksum_matches_the_real_data():
     assert data.tree_digest(SHARED_DATA) == compose_cfg().data.tree_sha256
 

@@ -20,7 +20,12 @@ def build(model_name: str, mode: str, weights_path) -> tuple[nn.Module, list, ob
     weights = str(weights_path(cfg.model.arch)) if cfg.mode.pretrained else None
     torch.manual_seed(0)
     model = models.build_model(
-        cfg.model.arch, cfg.model.heads, NUM_CLASSES, weights, cfg.model.pretrained_kwargs, cfg.model.scratch_kwargs
+        cfg.model.arch,
+        cfg.model.heads,
+        NUM_CLASSES,
+        weights,
+        cfg.model.pretrained_kwargs,
+        cfg.model.scratch_kwargs,
     )
     frozen = []
     if not cfg.mode.train_backbone:
@@ -95,7 +100,13 @@ def test_inception_auxiliary_loss_trains_and_stays_out_of_evaluation(standin_wei
     optimizer = torch.optim.SGD([aux_fc.weight], lr=1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     engine.train_one_epoch(
-        model, [(images, labels)], nn.CrossEntropyLoss(), optimizer, runtime, scaler, cfg.model.aux_loss_weight
+        model,
+        [(images, labels)],
+        nn.CrossEntropyLoss(),
+        optimizer,
+        runtime,
+        scaler,
+        cfg.model.aux_loss_weight,
     )
     assert not torch.equal(aux_before, aux_fc.weight), "the auxiliary head gets a gradient in training"
 

@@ -13,14 +13,19 @@ from conftest import FAST, make_image_folder, run_cli, store_runs
 def workspace(tmp_path_factory, tiny_folder):
     """A launch directory whose store already holds one good run, as a user's would."""
     cwd = tmp_path_factory.mktemp("launch")
-    result = run_cli(cwd, f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST[1:], "epochs=2")
+    result = run_cli(
+        cwd, f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST[1:], "epochs=2"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd
 
 
 def snapshot(cwd):
     """What MLflow holds for every run: status, params, metrics, tags (minus end-time noise)."""
-    return {r.info.run_id: (r.info.status, r.data.params, r.data.metrics) for r in store_runs(cwd / "outputs" / "mlflow.db")}
+    return {
+        r.info.run_id: (r.info.status, r.data.params, r.data.metrics)
+        for r in store_runs(cwd / "outputs" / "mlflow.db")
+    }
 
 
 def test_run_records_params_metrics_and_a_loadable_model(workspace, tiny_folder):
@@ -74,7 +79,9 @@ BAD_INPUTS = {
 def test_bad_input_fails_clearly_and_keeps_the_store(workspace, tiny_folder, case):
     overrides, message = BAD_INPUTS[case]
     before = snapshot(workspace)
-    result = run_cli(workspace, f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST, *overrides)
+    result = run_cli(
+        workspace, f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST, *overrides
+    )
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
@@ -146,8 +153,13 @@ def test_unknown_group_option_lists_the_choices(tmp_path, group):
 def test_feature_extract_from_a_weights_file_trains_only_the_head(tmp_path, tiny_folder, standin_weights):
     weights = standin_weights("resnet18")
     result = run_cli(
-        tmp_path, "model=resnet", "mode=feature_extract", f"model.weights={weights}",
-        f"data.root={tiny_folder}", "data=imagefolder", *FAST,
+        tmp_path,
+        "model=resnet",
+        "mode=feature_extract",
+        f"model.weights={weights}",
+        f"data.root={tiny_folder}",
+        "data=imagefolder",
+        *FAST,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
