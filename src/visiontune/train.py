@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> float:
     parent = None
     if hydra_cfg.mode == RunMode.MULTIRUN:
         parent = tracking.parent_run_id(launch_dir / hydra_cfg.sweep.dir)
-    tags = {"model": choices.model, "mode": choices.mode, "data": choices.data}
+    tags = run_tags(cfg, choices, hydra_cfg.overrides.task)
     run_name = f"{cfg.model.name}-{cfg.mode.name}"
     with tracking.tracked_run(uri, experiment_id, run_name, tags, parent):
         import mlflow
@@ -63,6 +63,22 @@ def run(cfg: DictConfig) -> float:
             log_file = Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"
             if log_file.is_file():
                 mlflow.log_artifact(str(log_file))
+
+
+def run_tags(cfg: DictConfig, choices, task_overrides) -> dict[str, str]:
+    """Tags to filter and group by in the UI: the groups, the lr, and every overridden key."""
+    tags = {
+        "model": choices.model,
+        "mode": choices.mode,
+        "data": choices.data,
+        "optimizer": choices.optimizer,
+        "scheduler": choices.scheduler,
+        "lr": str(cfg.optimizer.lr),
+    }
+    for override in task_overrides:
+        key, _, value = override.partition("=")
+        tags[key.lstrip("+~")] = value[:5000]
+    return tags
 
 
 def check_numbers(cfg: DictConfig) -> None:

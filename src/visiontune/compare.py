@@ -1,0 +1,151 @@
+"""visiontune-compare: one leaderboard and one accuracy overlay for any set of runs in a store.
+
+The sweep callback writes the same report onto a multirun's parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+COLUMNS = (
+    "run", "model", "mode", "optimizer", "lr", "status", "best_val_acc", "best_epoch",
+    "train_seconds", "trainable_params", "run_id", "error",
+)  # fmt: skip
+FIGURE_TITLE = "Validation accuracy vs. number of training epochs"
+
+
+def select_runs(client, experiment: str | None = None, parent: str | None = None, run_ids=()) -> list:
+    """Runs by experiment name (top-level and nested alike), by parent run id, or by ids."""
+    from visiontune import VisiontuneError
+
+    if run_ids:
+        return [client.get_run(run_id) for run_id in run_ids]
+    if parent:
+        parent_run = client.get_run(parent)
+        return client.search_runs(
+            [parent_run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000
+        )
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise VisiontuneError(f"no experiment named {experiment!r} in this store")
+    runs = client.search_runs([found.experiment_id], max_results=10_000)
+    return [r for r in runs if r.data.tags.get("visiontune.sweep") != "parent"]
+
+
+def leaderboard(client, runs: Sequence) -> tuple[list[dict], dict[str, list[float]]]:
+    """One row per run, best first (failed runs last), and each run's val accuracy per epoch."""
+    rows, curves = [], {}
+    for run in runs:
+        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+        label = _label(run, curves)
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        curves[label] = [m.value for m in sorted(history, key=lambda m: m.step)]
+        seconds = client.get_metric_history(run.info.run_id, "epoch_seconds")
+        rows.append(
+            {
+                "run": label,
+                "model": params.get("model.name", tags.get("model", "")),
+                "mode": params.get("mode.name", tags.get("mode", "")),
+                # A run that failed early has tags but no params yet.
+                "optimizer": params.get("optimizer.name", tags.get("optimizer", "")),
+                "lr": params.get("optimizer.lr", tags.get("lr", "")),
+                "status": run.info.status,
+                "best_val_acc": metrics.get("best_val_acc"),
+                "best_epoch": int(metrics["best_epoch"]) if "best_epoch" in metrics else None,
+                "train_seconds": round(sum(m.value for m in seconds), 1) if seconds else None,
+                "trainable_params": params.get("trainable_params", ""),
+                "run_id": run.info.run_id,
+                "error": tags.get("error", "")[:120],
+            }
+        )
+    rows.sort(key=lambda r: (r["best_val_acc"] is None, -(r["best_val_acc"] or 0.0), r["run"]))
+    return rows, {label: values for label, values in curves.items() if values}
+
+
+def _label(run, taken: dict) -> str:
+    name = run.info.run_name or run.info.run_id[:8]
+    return name if name not in taken else f"{name} ({run.info.run_id[:6]})"
+
+
+def to_markdown(rows: Sequence[dict]) -> str:
+    shown = [c for c in COLUMNS if c != "run_id"]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for row in rows:
+        cells = [_cell(row[c]) for c in shown]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value).replace("|", "/").replace("\n", " ")
+
+
+def to_csv(rows: Sequence[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_report(client, runs: Sequence, out_dir: Path) -> list[dict]:
+    """leaderboard.csv, leaderboard.md and val_acc_overlay.png in out_dir; returns the rows."""
+    from visiontune import plots
+
+    rows, curves = leaderboard(client, runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "leaderboard.csv").write_text(to_csv(rows))
+    (out_dir / "leaderboard.md").write_text(to_markdown(rows))
+    figure = plots.accuracy_curves(curves, FIGURE_TITLE)
+    figure.savefig(out_dir / "val_acc_overlay.png")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="visiontune-compare",
+        description="Leaderboard (CSV, markdown) and val-accuracy overlay (PNG) for runs in an MLflow store.",
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--experiment", help="every training run of this experiment")
+    which.add_argument("--parent", help="the children of this sweep's parent run id")
+    which.add_argument("--run-ids", nargs="+", metavar="ID", help="these runs")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the PNG, CSV and markdown")
+    parser.add_argument(
+        "--tracking-uri", help="store to read (default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db)"
+    )
+    args = parser.parse_args(argv)
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from visiontune import VisiontuneError, tracking
+
+    uri = tracking.tracking_uri(args.tracking_uri, Path.cwd())
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        parser.error(f"no MLflow store at {uri}: run visiontune-train first or pass --tracking-uri")
+    client = MlflowClient(uri)
+    try:
+        runs = select_runs(client, args.experiment, args.parent, args.run_ids or ())
+        if not runs:
+            raise VisiontuneError("no runs matched: check the experiment name, parent id or run ids")
+        rows = write_report(client, runs, args.out)
+    except (VisiontuneError, MlflowException) as err:
+        print(f"visiontune-compare: error: {err}", file=sys.stderr)
+        return 1
+    print(to_markdown(rows))
+    print(f"wrote {args.out / 'leaderboard.csv'}, leaderboard.md and val_acc_overlay.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
