@@ -9,6 +9,7 @@ parent gets the sweep's leaderboard and accuracy overlay.
 from __future__ import annotations
 
 import atexit
+import sys
 import logging
 import tempfile
 from pathlib import Path
@@ -83,7 +84,8 @@ class MlflowSweep(Callback):
         self.parent_id = None
         if failed:
             names = ", ".join(r["run"] for r in failed)
-            log.error("error: %d of %d jobs failed: %s", len(failed), len(rows), names)
+            # print, not log: after the jobs, logging is configured by whichever job ran last.
+            print(f"error: {len(failed)} of {len(rows)} jobs failed: {names}", file=sys.stderr)
             raise SystemExit(1)
 
     def _end_abandoned(self) -> None:

@@ -1,0 +1,86 @@
+"""Multiruns as one MLflow experiment: a parent run, its children, the summary on the parent."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from conftest import FAST, run_cli, store_runs
+from visiontune.sweep import swept_keys
+
+
+def sweep(cwd, tiny_folder, *extra):
+    return run_cli(cwd, "-m", f"data.root={tiny_folder}", "data=imagefolder", *FAST, *extra)
+
+
+def parent_and_children(cwd):
+    runs = store_runs(cwd / "outputs" / "mlflow.db")
+    (parent,) = [r for r in runs if r.data.tags.get("visiontune.sweep") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 1 + len(children), "every job is a child of the sweep's parent"
+    return parent, children
+
+
+def summary(cwd, parent):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.csv", "leaderboard.md", "val_acc_overlay.png"} <= names
+    text = client.download_artifacts(parent.info.run_id, "leaderboard.csv")
+    with open(text) as f:
+        return list(csv.DictReader(io.StringIO(f.read())))
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_multirun_is_one_parent_with_its_jobs_as_children(tmp_path, tiny_folder, launcher):
+    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    result = sweep(tmp_path, tiny_folder, "model=squeezenet,resnet", "mode=scratch", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    parent, children = parent_and_children(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep.varied"] == "model"
+    assert sorted(c.info.run_name for c in children) == ["resnet-scratch", "squeezenet-scratch"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["model"] for c in children} == {"squeezenet", "resnet"}
+
+    rows = summary(tmp_path, parent)
+    assert [r["run"] for r in rows] == [
+        c.info.run_name
+        for c in sorted(children, key=lambda c: (-c.data.metrics["best_val_acc"], c.info.run_name))
+    ]
+    assert {r["run_id"]: float(r["best_val_acc"]) for r in rows} == {
+        c.info.run_id: c.data.metrics["best_val_acc"] for c in children
+    }
+    assert parent.data.tags["best_child_run_id"] == rows[0]["run_id"]
+    assert "| squeezenet-scratch |" in result.stdout  # the leaderboard is printed too
+
+
+def test_failed_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path, tiny_folder):
+    result = sweep(
+        tmp_path,
+        tiny_folder,
+        "model=squeezenet",
+        "mode=scratch,feature_extract",
+        "model.weights=/missing.pth",
+    )
+    assert result.returncode != 0, "the command reports that a job failed"
+    assert "1 of 2 jobs failed: squeezenet-feature_extract" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    parent, children = parent_and_children(tmp_path)
+    assert parent.info.status == "FINISHED"
+    status = {c.info.run_name: c.info.status for c in children}
+    assert status == {"squeezenet-scratch": "FINISHED", "squeezenet-feature_extract": "FAILED"}
+    rows = {r["run"]: r for r in summary(tmp_path, parent)}
+    assert rows["squeezenet-feature_extract"]["status"] == "FAILED"
+    assert "no such file" in rows["squeezenet-feature_extract"]["error"]
+    assert parent.data.tags["best_child"] == "squeezenet-scratch"
+
+
+def test_swept_keys_are_the_ones_with_several_values():
+    overrides = ["model=resnet,vgg", "epochs=1", "optimizer.lr=range(0.1,0.3,0.1)", "mode=scratch"]
+    assert swept_keys(overrides) == ["model", "optimizer.lr"]
