@@ -9,8 +9,8 @@ parent gets the sweep's leaderboard and accuracy overlay.
 from __future__ import annotations
 
 import atexit
-import sys
 import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
