@@ -66,7 +66,7 @@ def test_feature_extract_step_leaves_backbone_bit_for_bit(model_name, standin_we
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.1, momentum=0.9)
     loader = [batch(model_name, 4)]
-    runtime = engine.Runtime(torch.device("cpu"))
+    runtime = engine.Runtime(torch.device("cpu"), normalize=torch.nn.Identity())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     engine.train_one_epoch(
         model, loader, nn.CrossEntropyLoss(), optimizer, runtime, scaler, cfg.model.aux_loss_weight, frozen
@@ -94,7 +94,7 @@ def test_tutorial_behaviour_lets_batchnorm_statistics_drift(standin_weights):
 def test_inception_auxiliary_loss_trains_and_stays_out_of_evaluation(standin_weights):
     model, frozen, cfg = build("inception", "finetune", standin_weights)
     images, labels = batch("inception", 2)
-    runtime = engine.Runtime(torch.device("cpu"))
+    runtime = engine.Runtime(torch.device("cpu"), normalize=torch.nn.Identity())
     aux_fc = model.get_submodule("AuxLogits.fc")
     aux_before = aux_fc.weight.clone()
     optimizer = torch.optim.SGD([aux_fc.weight], lr=1.0)

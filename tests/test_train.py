@@ -61,6 +61,7 @@ def test_run_records_params_metrics_and_a_loadable_model(workspace, tiny_folder)
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model").eval()
     _, samples = data.find_samples(tiny_folder)
     images, labels = next(iter(data.build_loaders(samples, 64, 100, 0, 0, False, False)["val"]))
+    images = data.Normalizer(torch.device("cpu"))(images)
     with torch.no_grad():
         accuracy = (model(images).argmax(1) == labels).float().mean().item()
     assert accuracy == pytest.approx(best)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,7 @@ class Runtime:
     """Where and how tensors are computed: device, autocast dtype, memory layout."""
 
     device: torch.device
+    normalize: Callable[[torch.Tensor], torch.Tensor]
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
 
@@ -29,8 +30,8 @@ class Runtime:
 
     def inputs(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        images = images.to(self.device, non_blocking=True, memory_format=fmt)
-        return images, labels.to(self.device, non_blocking=True)
+        images = self.normalize(images.to(self.device, non_blocking=True))
+        return images.contiguous(memory_format=fmt), labels.to(self.device, non_blocking=True)
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,7 @@ def train(cfg: DictConfig, launch_dir: Path) -> float:
 
     runtime = engine.Runtime(
         device,
+        data.Normalizer(device),
         getattr(torch, PRECISIONS[str(cfg.precision)]) if PRECISIONS[str(cfg.precision)] else None,
         cfg.channels_last,
     )
@@ -205,6 +206,8 @@ def train(cfg: DictConfig, launch_dir: Path) -> float:
         device.type == "cuda",
         cfg.data.skip_bad_images,
     )
+    if data.replay_bytes(len(samples["val"]), cfg.model.input_size) <= cfg.data.replay_val_mb * 2**20:
+        loaders["val"] = data.ReplayLoader(loaders["val"])
     criterion = torch.nn.CrossEntropyLoss()
 
     best_acc, best_epoch, best_state, val_curve = -1.0, 0, None, []
@@ -261,8 +264,8 @@ def train(cfg: DictConfig, launch_dir: Path) -> float:
         "val_acc.png",
     )
     if cfg.mlflow.log_model:
-        example = next(iter(loaders["val"]))[0][:1].to("cpu", torch.float32)
-        tracking.log_model(model, example.contiguous())
+        example = data.Normalizer(torch.device("cpu"))(next(iter(loaders["val"]))[0][:1])
+        tracking.log_model(model, example)
     log.info("best val acc %.4f at epoch %d", best_acc, best_epoch)
     return best_acc
 
