@@ -33,6 +33,9 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:  # the sweep goes on; the job's MLflow run is already FAILED
             return None
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        log.error("interrupted: the MLflow run is marked KILLED")
+        raise SystemExit(130) from None
     except Exception:
         if not multirun:
             raise
