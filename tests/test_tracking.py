@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import mlflow
 import pytest
 import torch
@@ -38,7 +40,7 @@ def test_experiment_keeps_artifacts_beside_the_store_and_opens_on_training_runs(
 )
 def test_run_status_is_true(store, error, status):
     uri, experiment_id = store
-    with pytest.raises(type(error)) if error else _nothing():  # noqa: SIM117
+    with pytest.raises(type(error)) if error else contextlib.nullcontext():  # noqa: SIM117
         with tracking.tracked_run(uri, experiment_id, "r", {"model": "resnet"}) as run:
             if error:
                 raise error
@@ -46,14 +48,6 @@ def test_run_status_is_true(store, error, status):
     assert finished.info.status == status
     assert finished.data.tags["model"] == "resnet"
     assert (finished.data.tags.get("error") == "bad lr") == (status == "FAILED")
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_long_and_nested_params_are_stored_never_refused(store):
