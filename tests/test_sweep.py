@@ -11,8 +11,11 @@ from conftest import FAST, run_cli, store_runs
 from visiontune.sweep import swept_keys
 
 
-def sweep(cwd, tiny_folder, *extra):
-    return run_cli(cwd, "-m", f"data.root={tiny_folder}", "data=imagefolder", *FAST, *extra)
+def sweep(cwd, tiny_folder, *extra, workers=0):
+    fast = [o for o in FAST if not o.startswith("num_workers=")]
+    return run_cli(
+        cwd, "-m", f"data.root={tiny_folder}", "data=imagefolder", *fast, f"num_workers={workers}", *extra
+    )
 
 
 def parent_and_children(cwd):
@@ -37,7 +40,9 @@ def summary(cwd, parent):
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_multirun_is_one_parent_with_its_jobs_as_children(tmp_path, tiny_folder, launcher):
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-    result = sweep(tmp_path, tiny_folder, "model=squeezenet,resnet", "mode=scratch", *extra)
+    # joblib's worker processes start DataLoader workers of their own (num_workers=1).
+    workers = 1 if launcher == "joblib" else 0
+    result = sweep(tmp_path, tiny_folder, "model=squeezenet,resnet", "mode=scratch", *extra, workers=workers)
     assert result.returncode == 0, result.stderr[-3000:]
 
     parent, children = parent_and_children(tmp_path)

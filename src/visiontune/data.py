@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -255,6 +257,11 @@ def build_loaders(
 ) -> dict[str, DataLoader]:
     """Shuffled train and ordered val loaders whose workers live for the whole run."""
     tfms = transforms(input_size)
+    # Named explicitly: inside a joblib (loky) worker the process-wide default context is
+    # loky's, whose processes DataLoader cannot start.
+    context = (
+        multiprocessing.get_context("fork" if sys.platform == "linux" else None) if num_workers else None
+    )
     loaders = {}
     for split in SPLITS:
         loaders[split] = DataLoader(
@@ -264,6 +271,7 @@ def build_loaders(
             num_workers=num_workers,
             # Workers start once, not once per epoch and phase as in the tutorial.
             persistent_workers=num_workers > 0,
+            multiprocessing_context=context,
             pin_memory=pin_memory,
             collate_fn=_collate,
             generator=torch.Generator().manual_seed(seed),
