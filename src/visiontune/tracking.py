@@ -36,8 +36,9 @@ def artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
 
 
-# MLflow 3's UI opens an experiment on its GenAI overview unless this tag says it holds
-# model training; with it, users land on the runs table.
+# Marks the experiment as model training. MLflow 3.17's UI ignores it and picks GenAI vs
+# Model training per browser (visiontune-ui's link asks for the latter); kept for MLflow
+# versions that read the tag.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 

@@ -1,0 +1,58 @@
+"""visiontune-ui: the MLflow UI over this project's store, on localhost, opening on the training runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# MLflow 3.17's UI ignores the experiment's kind tag and opens on its GenAI view unless the
+# page's URL (or the browser's remembered sidebar switch) asks for Model training.
+TRAINING_VIEW = "workflowType=machine_learning"
+# The UI only serves the store: no telemetry, no background job runners (they also slow its start).
+QUIET = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+}
+
+
+def experiment_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
+    return f"{base}/{path}?{TRAINING_VIEW}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="visiontune-ui", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--experiment", default="visiontune", help="experiment to open first")
+    parser.add_argument(
+        "--tracking-uri", help="store to serve (default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db)"
+    )
+    args = parser.parse_args(argv)
+
+    from mlflow.tracking import MlflowClient
+
+    from visiontune import tracking
+
+    uri = tracking.tracking_uri(args.tracking_uri, Path.cwd())
+    if uri.startswith(("http://", "https://")):
+        print(f"{uri} is an MLflow server: its UI is at {uri}")
+        return 0
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        parser.error(f"no MLflow store at {uri}: run visiontune-train here first, or pass --tracking-uri")
+    experiment = MlflowClient(uri).get_experiment_by_name(args.experiment)
+    base = f"http://{args.host}:{args.port}"
+    print(f"serving {uri}")
+    print(f"open {experiment_url(base, experiment.experiment_id) if experiment else base}", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    command += ["--host", args.host, "--port", str(args.port), "--workers", "1"]
+    os.execvpe(sys.executable, command, os.environ | QUIET)
+    return 0  # not reached: the MLflow UI replaces this process
+
+
+if __name__ == "__main__":
+    sys.exit(main())
