@@ -269,7 +269,7 @@ def train(cfg: DictConfig, launch_dir: Path) -> float:
     if cfg.mlflow.log_model:
         example = data.Normalizer(torch.device("cpu"))(next(iter(loaders["val"]))[0][:1])
         tracking.log_model(model, example)
-    log.info("best val acc %.4f at epoch %d", best_acc, best_epoch)
+    log.info("best val acc %.4f at epoch %d; browse runs with: visiontune-ui", best_acc, best_epoch)
     return best_acc
 
 
