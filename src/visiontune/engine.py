@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 from torch import nn
 from tqdm import tqdm
 
@@ -98,18 +99,86 @@ def evaluate(
     criterion: nn.Module,
     runtime: Runtime,
     desc: str = "val",
+    trunk: FrozenTrunk | None = None,
 ) -> PhaseResult:
-    """Loss and accuracy of the main head over a whole loader, in eval mode."""
+    """Loss and accuracy of the main head over a whole loader, in eval mode.
+
+    With a FrozenTrunk, the layers below the head run on the first call only.
+    """
     start = _clock(runtime.device)
     model.eval()
     tally = _Tally(runtime.device)
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
-        images, labels = runtime.inputs(images, labels)
+    batches = trunk.logits(model, loader, runtime) if trunk else _logits(model, loader, runtime)
+    for logits, labels in tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None):
         with runtime.autocast():
-            logits = model(images)
             loss = criterion(logits, labels)
         tally.add(loss, logits, labels)
     return tally.result(_clock(runtime.device) - start)
+
+
+def _logits(model: nn.Module, loader, runtime: Runtime):
+    for images, labels in loader:
+        images, labels = runtime.inputs(images, labels)
+        with runtime.autocast():
+            yield model(images), labels
+
+
+class FrozenTrunk:
+    """Evaluation for a model that only trains its head, with the backbone in eval mode.
+
+    Everything below the head is then a fixed function and the val images never change, so
+    the head's inputs are computed once, on the first pass (a full forward, captured by a hook
+    on the head), and later passes run only the head and what follows it in forward (found
+    with torch.fx, so architectures whose head is not the last layer, like SqueezeNet's,
+    work too). Caching stops if the inputs would take more than `max_bytes`.
+    """
+
+    def __init__(self, model: nn.Module, head: str, max_bytes: int):
+        self.head = model.get_submodule(head)
+        self.tail = _graph_after(model, head)
+        self.max_bytes = max_bytes
+        self.cached: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def logits(self, model: nn.Module, loader, runtime: Runtime):
+        if self.cached is not None:
+            for features, labels in self.cached:
+                with runtime.autocast():
+                    yield self.tail(features), labels
+            return
+        captured: list[torch.Tensor] = []
+        hook = self.head.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+        cache: list | None = []
+        size = 0
+        try:
+            for logits, labels in _logits(model, loader, runtime):
+                features = captured.pop()
+                size += features.numel() * features.element_size()
+                if cache is not None and size <= self.max_bytes:
+                    cache.append((features, labels))
+                else:
+                    cache = None
+                yield logits, labels
+        finally:
+            hook.remove()
+        self.cached = cache
+
+
+def _graph_after(model: nn.Module, head: str) -> torch.fx.GraphModule:
+    """The part of model.forward from `head`'s input to the output, as a module of its own."""
+    was_training = model.training
+    model.eval()  # trace the eval forward: inception's aux branch is a Python `if self.training`
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    finally:
+        model.train(was_training)
+    head_node = next(n for n in graph.nodes if n.op == "call_module" and n.target == head)
+    tail = torch.fx.Graph()
+    env = {head_node.args[0]: tail.placeholder("features")}
+    nodes = list(graph.nodes)
+    for node in nodes[nodes.index(head_node) :]:
+        # A KeyError here means the rest of forward reads more than the head's input.
+        env[node] = tail.node_copy(node, lambda n: env[n])
+    return torch.fx.GraphModule(model, tail)
 
 
 def _clock(device: torch.device) -> float:

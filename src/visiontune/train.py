@@ -209,7 +209,13 @@ def train(cfg: DictConfig, launch_dir: Path) -> float:
         device.type == "cuda",
         cfg.data.skip_bad_images,
     )
-    if data.replay_bytes(len(samples["val"]), cfg.model.input_size) <= cfg.data.replay_val_mb * 2**20:
+    # Work done once instead of every epoch: with a frozen backbone in eval mode, the head's
+    # inputs for the val split; otherwise the decoded val images (their transform is fixed).
+    budget = cfg.data.replay_val_mb * 2**20
+    trunk = None
+    if not cfg.mode.train_backbone and cfg.mode.freeze_norm_stats:
+        trunk = engine.FrozenTrunk(model, cfg.model.heads[0], budget)
+    elif data.replay_bytes(len(samples["val"]), cfg.model.input_size) <= budget:
         loaders["val"] = data.ReplayLoader(loaders["val"])
     criterion = torch.nn.CrossEntropyLoss()
 
@@ -227,7 +233,7 @@ def train(cfg: DictConfig, launch_dir: Path) -> float:
             frozen_norms,
             desc=f"epoch {epoch} train",
         )
-        va = engine.evaluate(model, loaders["val"], criterion, runtime, desc=f"epoch {epoch} val")
+        va = engine.evaluate(model, loaders["val"], criterion, runtime, f"epoch {epoch} val", trunk)
         if scheduler is not None:
             scheduler.step()
         seconds = time.perf_counter() - tic

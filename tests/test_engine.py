@@ -1,0 +1,66 @@
+"""The epoch functions: device-side tallies, and the frozen-trunk shortcut in evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ARCHS, TEST_INPUT_SIZE, compose_cfg
+from visiontune import engine, models
+
+CPU = engine.Runtime(torch.device("cpu"), normalize=nn.Identity())
+
+
+def val_batches(model_name: str, n_batches: int = 3):
+    size = TEST_INPUT_SIZE.get(model_name, 64)
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(2, 3, size, size, generator=generator), torch.tensor([0, 1])) for _ in range(n_batches)
+    ]
+
+
+@pytest.mark.parametrize("model_name", ARCHS)
+def test_frozen_trunk_evaluates_exactly_like_the_full_model_and_runs_it_once(model_name):
+    cfg = compose_cfg(f"model={model_name}", "mode=feature_extract")
+    torch.manual_seed(0)
+    model = models.build_model(cfg.model.arch, cfg.model.heads, 2, None, {}, cfg.model.scratch_kwargs)
+    models.freeze_backbone(model, cfg.model.heads, True)
+    batches = val_batches(model_name)
+    criterion = nn.CrossEntropyLoss()
+    full = engine.evaluate(model, batches, criterion, CPU)
+
+    trunk = engine.FrozenTrunk(model, cfg.model.heads[0], max_bytes=2**30)
+    first_layer = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    calls = []
+    first_layer.register_forward_hook(lambda *_: calls.append(1))
+    first = engine.evaluate(model, batches, criterion, CPU, trunk=trunk)
+    assert len(calls) == len(batches)
+    # The head trains between epochs: the cached path must see the new head.
+    with torch.no_grad():
+        for p in model.get_submodule(cfg.model.heads[0]).parameters():
+            p.add_(0.05)
+    changed_full = engine.evaluate(model, batches, criterion, CPU)
+    calls.clear()
+    second = engine.evaluate(model, batches, criterion, CPU, trunk=trunk)
+    assert calls == [], "the backbone does not run again"
+    assert (first.loss, first.acc) == (full.loss, full.acc)
+    assert (second.loss, second.acc) == (changed_full.loss, changed_full.acc)
+
+
+def test_frozen_trunk_stops_caching_past_its_budget():
+    model = models.build_model("resnet18", ["fc"], 2, None)
+    models.freeze_backbone(model, ["fc"], True)
+    trunk = engine.FrozenTrunk(model, "fc", max_bytes=2 * 512 * 4)  # room for one batch of two
+    engine.evaluate(model, val_batches("resnet"), nn.CrossEntropyLoss(), CPU, trunk=trunk)
+    assert trunk.cached is None
+
+
+def test_tallies_average_over_images_not_batches():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0]))  # always predicts class 0
+    batches = [(torch.zeros(3, 3), torch.tensor([0, 0, 1])), (torch.zeros(1, 3), torch.tensor([1]))]
+    result = engine.evaluate(model, batches, nn.CrossEntropyLoss(), CPU)
+    assert result.acc == pytest.approx(2 / 4)
