@@ -64,3 +64,20 @@ def test_tallies_average_over_images_not_batches():
     batches = [(torch.zeros(3, 3), torch.tensor([0, 0, 1])), (torch.zeros(1, 3), torch.tensor([1]))]
     result = engine.evaluate(model, batches, nn.CrossEntropyLoss(), CPU)
     assert result.acc == pytest.approx(2 / 4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_autocast_and_channels_last_train_on_cpu(channels_last):
+    torch.manual_seed(0)
+    model = models.build_model("resnet18", ["fc"], 2, None).to(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    runtime = engine.Runtime(torch.device("cpu"), nn.Identity(), torch.bfloat16, channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = model.fc.weight.clone()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    result = engine.train_one_epoch(
+        model, val_batches("resnet"), nn.CrossEntropyLoss(), optimizer, runtime, scaler
+    )
+    assert torch.isfinite(torch.tensor(result.loss)) and not torch.equal(before, model.fc.weight)
+    assert model.fc.weight.dtype == torch.float32, "autocast keeps the weights in float32"
