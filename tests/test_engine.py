@@ -81,3 +81,30 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(channels_last):
     )
     assert torch.isfinite(torch.tensor(result.loss)) and not torch.equal(before, model.fc.weight)
     assert model.fc.weight.dtype == torch.float32, "autocast keeps the weights in float32"
+
+
+def test_fit_restores_the_best_epochs_weights_and_reports_each_epoch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    images = torch.randn(8, 3, 2, 2)
+    loaders = {"train": [(images, torch.tensor([0, 1] * 4))], "val": [(images, torch.tensor([0, 1] * 4))]}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    reports, snapshots = [], {}
+
+    def on_epoch(report):
+        reports.append(report)
+        snapshots[report.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    result = engine.fit(
+        model, loaders, nn.CrossEntropyLoss(), optimizer, scheduler, CPU, scaler, 4, on_epoch=on_epoch
+    )
+    assert [r.epoch for r in reports] == [1, 2, 3, 4]
+    assert [r.lr for r in reports] == [0.5, 0.25, 0.125, 0.0625], "the lr each epoch trained with"
+    assert result.val_curve == [r.val.acc for r in reports]
+    assert result.best_acc == max(result.val_curve)
+    assert result.best_epoch == result.val_curve.index(result.best_acc) + 1
+    assert result.best_epoch < 4, "the case where restoring matters: training went on after the best epoch"
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshots[result.best_epoch][key])

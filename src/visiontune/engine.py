@@ -181,6 +181,60 @@ def _graph_after(model: nn.Module, head: str) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(model, tail)
 
 
+@dataclass(frozen=True)
+class EpochReport:
+    epoch: int
+    train: PhaseResult
+    val: PhaseResult
+    lr: float
+    seconds: float
+    improved: bool
+
+
+@dataclass(frozen=True)
+class FitResult:
+    best_acc: float
+    best_epoch: int
+    val_curve: list[float]
+
+
+def fit(
+    model: nn.Module,
+    loaders: dict,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    runtime: Runtime,
+    scaler: torch.amp.GradScaler,
+    epochs: int,
+    aux_loss_weight: float = 0.0,
+    frozen_norms: Sequence[nn.Module] = (),
+    trunk: FrozenTrunk | None = None,
+    on_epoch: Callable[[EpochReport], None] = lambda report: None,
+) -> FitResult:
+    """Train and validate every epoch; end with the weights of the best validation accuracy."""
+    best_acc, best_epoch, best_state, curve = -1.0, 0, None, []
+    for epoch in range(1, epochs + 1):
+        tic = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        tr = train_one_epoch(
+            model, loaders["train"], criterion, optimizer, runtime, scaler,
+            aux_loss_weight, frozen_norms, desc=f"epoch {epoch} train",
+        )  # fmt: skip
+        va = evaluate(model, loaders["val"], criterion, runtime, f"epoch {epoch} val", trunk)
+        if scheduler is not None:
+            scheduler.step()
+        improved = va.acc > best_acc
+        if improved:
+            best_acc, best_epoch = va.acc, epoch
+            # A CPU copy: the next epoch's updates must not reach it.
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        curve.append(va.acc)
+        on_epoch(EpochReport(epoch, tr, va, lr, time.perf_counter() - tic, improved))
+    model.load_state_dict(best_state)
+    return FitResult(best_acc, best_epoch, curve)
+
+
 def _clock(device: torch.device) -> float:
     # CUDA runs asynchronously: wait for it so phase times are real.
     if device.type == "cuda":

@@ -37,11 +37,15 @@ def build_model(
     return model
 
 
+def is_weights_name(arch: str, weights: str) -> bool:
+    """DEFAULT or a torchvision weights name (IMAGENET1K_V1, ...), as opposed to a file path."""
+    return weights == "DEFAULT" or weights in tv_models.get_model_weights(arch).__members__
+
+
 def load_pretrained(arch: str, weights: str, pretrained_kwargs: Mapping) -> nn.Module:
     """The 1000-class ImageNet model: from torchvision's weights API or a state-dict file."""
-    enum = tv_models.get_model_weights(arch)
-    if weights == "DEFAULT" or weights in enum.__members__:
-        return _from_weights_api(arch, enum[weights])
+    if is_weights_name(arch, weights):
+        return _from_weights_api(arch, tv_models.get_model_weights(arch)[weights])
     model = tv_models.get_model(arch, weights=None, num_classes=IMAGENET_CLASSES, **pretrained_kwargs)
     model.load_state_dict(_read_state_dict(Path(weights), arch, model))
     return model

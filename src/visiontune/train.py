@@ -7,7 +7,6 @@ Heavy libraries (torch, torchvision, mlflow) are imported inside run(), so that 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import hydra
@@ -132,83 +131,31 @@ def train(cfg: DictConfig, launch_dir: Path) -> float:
 
     check_numbers(cfg)
     device = pick_device(str(cfg.device))
-    root = data.prepare_root(
-        (launch_dir / cfg.data.root).resolve(), cfg.data.url, cfg.data.md5, cfg.data.tree_sha256
-    )
-    classes, samples = data.find_samples(root)
-    skipped = 0
-    for split in data.SPLITS:
-        samples[split], bad = data.drop_unreadable(samples[split], cfg.data.skip_bad_images)
-        skipped += bad
-
+    root, classes, samples, skipped = load_data(cfg.data, launch_dir)
     torch.manual_seed(cfg.seed)
-    weights = cfg.model.weights if cfg.mode.pretrained else None
-    if weights not in (None, "DEFAULT") and not str(weights).isupper():
-        weights = str((launch_dir / str(weights)).resolve())
-    model = models.build_model(
-        cfg.model.arch,
-        cfg.model.heads,
-        len(classes),
-        weights,
-        cfg.model.pretrained_kwargs,
-        cfg.model.scratch_kwargs,
-    )
-    frozen_norms = []
-    if not cfg.mode.train_backbone:
-        frozen_norms = models.freeze_backbone(model, cfg.model.heads, cfg.mode.freeze_norm_stats)
+    model, frozen_norms, weights = load_model(cfg.model, cfg.mode, len(classes), launch_dir)
     trainable, total = models.count_parameters(model)
-
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config.pop("mlflow")
-    params = tracking.flatten(config)
-    params.update(
-        {
-            "data.root": str(root),
-            "model.weights": weights,
-            "optimizer.name": cfg.optimizer._target_.rsplit(".", 1)[-1].lower(),
-            "scheduler.name": cfg.scheduler._target_.rsplit(".", 1)[-1] if cfg.scheduler else "none",
-            "num_classes": len(classes),
-            "classes": ",".join(classes),
-            "train_images": len(samples["train"]),
-            "val_images": len(samples["val"]),
-            "skipped_images": skipped,
-            "trainable_params": trainable,
-            "total_params": total,
-            "device_used": str(device),
-        }
-    )
-    tracking.log_params(params)
+    log_params(cfg, {
+        "data.root": str(root), "model.weights": weights, "num_classes": len(classes),
+        "classes": ",".join(classes), "train_images": len(samples["train"]),
+        "val_images": len(samples["val"]), "skipped_images": skipped,
+        "trainable_params": trainable, "total_params": total, "device_used": str(device),
+    })  # fmt: skip
     log.info(
         "%s %s on %s: %d classes, %d train / %d val images, %s of %s parameters train",
-        cfg.model.name,
-        cfg.mode.name,
-        device,
-        len(classes),
-        len(samples["train"]),
-        len(samples["val"]),
-        f"{trainable:,}",
-        f"{total:,}",
-    )
+        cfg.model.name, cfg.mode.name, device, len(classes), len(samples["train"]),
+        len(samples["val"]), f"{trainable:,}", f"{total:,}",
+    )  # fmt: skip
 
-    runtime = engine.Runtime(
-        device,
-        data.Normalizer(device),
-        getattr(torch, PRECISIONS[str(cfg.precision)]) if PRECISIONS[str(cfg.precision)] else None,
-        cfg.channels_last,
-    )
+    amp_dtype = getattr(torch, PRECISIONS[str(cfg.precision)]) if PRECISIONS[str(cfg.precision)] else None
+    runtime = engine.Runtime(device, data.Normalizer(device), amp_dtype, cfg.channels_last)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     optimizer = instantiate(cfg.optimizer)(params=[p for p in model.parameters() if p.requires_grad])
     scheduler = instantiate(cfg.scheduler)(optimizer=optimizer) if cfg.scheduler else None
-    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype == torch.float16)
     loaders = data.build_loaders(
-        samples,
-        cfg.model.input_size,
-        cfg.batch_size,
-        cfg.num_workers,
-        cfg.seed,
-        device.type == "cuda",
-        cfg.data.skip_bad_images,
-    )
+        samples, cfg.model.input_size, cfg.batch_size, cfg.num_workers, cfg.seed,
+        device.type == "cuda", cfg.data.skip_bad_images,
+    )  # fmt: skip
     # Work done once instead of every epoch: with a frozen backbone in eval mode, the head's
     # inputs for the val split; otherwise the decoded val images (their transform is fixed).
     budget = cfg.data.replay_val_mb * 2**20
@@ -217,66 +164,85 @@ def train(cfg: DictConfig, launch_dir: Path) -> float:
         trunk = engine.FrozenTrunk(model, cfg.model.heads[0], budget)
     elif data.replay_bytes(len(samples["val"]), cfg.model.input_size) <= budget:
         loaders["val"] = data.ReplayLoader(loaders["val"])
-    criterion = torch.nn.CrossEntropyLoss()
 
-    best_acc, best_epoch, best_state, val_curve = -1.0, 0, None, []
-    for epoch in range(1, cfg.epochs + 1):
-        tic = time.perf_counter()
-        tr = engine.train_one_epoch(
-            model,
-            loaders["train"],
-            criterion,
-            optimizer,
-            runtime,
-            scaler,
-            cfg.model.aux_loss_weight,
-            frozen_norms,
-            desc=f"epoch {epoch} train",
-        )
-        va = engine.evaluate(model, loaders["val"], criterion, runtime, f"epoch {epoch} val", trunk)
-        if scheduler is not None:
-            scheduler.step()
-        seconds = time.perf_counter() - tic
-        improved = va.acc > best_acc
-        if improved:
-            best_acc, best_epoch = va.acc, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        val_curve.append(va.acc)
-        mlflow.log_metrics(
-            {
-                "train_loss": tr.loss,
-                "train_acc": tr.acc,
-                "val_loss": va.loss,
-                "val_acc": va.acc,
-                "epoch_seconds": seconds,
-                "lr": optimizer.param_groups[0]["lr"],
-            },
-            step=epoch,
-        )
-        log.info(
-            "epoch %*d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs%s",
-            len(str(cfg.epochs)),
-            epoch,
-            cfg.epochs,
-            tr.loss,
-            tr.acc,
-            va.loss,
-            va.acc,
-            seconds,
-            "  * best" if improved else "",
-        )
+    result = engine.fit(
+        model, loaders, torch.nn.CrossEntropyLoss(), optimizer, scheduler, runtime,
+        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), cfg.epochs,
+        cfg.model.aux_loss_weight, frozen_norms, trunk, on_epoch=_epoch_logger(cfg.epochs),
+    )  # fmt: skip
 
-    model.load_state_dict(best_state)
-    mlflow.log_metrics({"best_val_acc": best_acc, "best_epoch": best_epoch})
-    mlflow.log_figure(
-        plots.accuracy_curves({f"{cfg.model.name}-{cfg.mode.name}": val_curve}, "Validation accuracy"),
-        "val_acc.png",
-    )
+    mlflow.log_metrics({"best_val_acc": result.best_acc, "best_epoch": result.best_epoch})
+    curves = {f"{cfg.model.name}-{cfg.mode.name}": result.val_curve}
+    mlflow.log_figure(plots.accuracy_curves(curves, "Validation accuracy"), "val_acc.png")
     if cfg.mlflow.log_model:
         example = data.Normalizer(torch.device("cpu"))(next(iter(loaders["val"]))[0][:1])
         tracking.log_model(model, example)
-    log.info("best val acc %.4f at epoch %d; browse runs with: visiontune-ui", best_acc, best_epoch)
-    return best_acc
+    log.info(
+        "best val acc %.4f at epoch %d; browse runs with: visiontune-ui", result.best_acc, result.best_epoch
+    )
+    return result.best_acc
+
+
+def load_data(data_cfg: DictConfig, launch_dir: Path):
+    """The checked folder: its root, class names, readable samples per split, skipped count."""
+    from visiontune import data
+
+    root = (launch_dir / data_cfg.root).resolve()
+    data.prepare_root(root, data_cfg.url, data_cfg.md5, data_cfg.tree_sha256)
+    classes, samples = data.find_samples(root)
+    skipped = 0
+    for split in data.SPLITS:
+        samples[split], bad = data.drop_unreadable(samples[split], data_cfg.skip_bad_images)
+        skipped += bad
+    return root, classes, samples, skipped
+
+
+def load_model(model_cfg: DictConfig, mode_cfg: DictConfig, num_classes: int, launch_dir: Path):
+    """The model as the mode wants it, the norm layers to keep frozen, and the weights used."""
+    from visiontune import models
+
+    weights = model_cfg.weights if mode_cfg.pretrained else None
+    if weights is not None and not models.is_weights_name(model_cfg.arch, weights):
+        weights = str((launch_dir / str(weights)).resolve())  # a file, relative to the launch dir
+    model = models.build_model(
+        model_cfg.arch, model_cfg.heads, num_classes, weights,
+        model_cfg.pretrained_kwargs, model_cfg.scratch_kwargs,
+    )  # fmt: skip
+    frozen_norms = []
+    if not mode_cfg.train_backbone:
+        frozen_norms = models.freeze_backbone(model, model_cfg.heads, mode_cfg.freeze_norm_stats)
+    return model, frozen_norms, weights
+
+
+def log_params(cfg: DictConfig, facts: dict) -> None:
+    """The resolved config, flattened, plus the facts the run found out."""
+    from visiontune import tracking
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("mlflow")
+    params = tracking.flatten(config)
+    params["optimizer.name"] = cfg.optimizer._target_.rsplit(".", 1)[-1].lower()
+    params["scheduler.name"] = cfg.scheduler._target_.rsplit(".", 1)[-1] if cfg.scheduler else "none"
+    tracking.log_params(params | facts)
+
+
+def _epoch_logger(epochs: int):
+    """One MLflow step and one summary line per epoch."""
+    import mlflow
+
+    def on_epoch(r) -> None:
+        mlflow.log_metrics(
+            {"train_loss": r.train.loss, "train_acc": r.train.acc, "val_loss": r.val.loss,
+             "val_acc": r.val.acc, "epoch_seconds": r.seconds, "lr": r.lr},
+            step=r.epoch,
+        )  # fmt: skip
+        log.info(
+            "epoch %*d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs%s",
+            len(str(epochs)), r.epoch, epochs, r.train.loss, r.train.acc, r.val.loss, r.val.acc,
+            r.seconds, "  * best" if r.improved else "",
+        )  # fmt: skip
+
+    return on_epoch
 
 
 if __name__ == "__main__":
