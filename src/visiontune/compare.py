@@ -76,16 +76,16 @@ def to_markdown(rows: Sequence[dict]) -> str:
     shown = [c for c in COLUMNS if c != "run_id"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
-        cells = [_cell(row[c]) for c in shown]
+        cells = [_cell(row[c], "{:.1f}" if c == "train_seconds" else "{:.4f}") for c in shown]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _cell(value) -> str:
+def _cell(value, float_format: str) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return float_format.format(value)
     return str(value).replace("|", "/").replace("\n", " ")
 
 

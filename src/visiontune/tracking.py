@@ -111,12 +111,23 @@ def log_params(params: Mapping[str, object]) -> None:
     mlflow.log_params({key: shorten(value) for key, value in params.items()})
 
 
+class _KnownPickleChoice(logging.Filter):
+    """Drops MLflow's advice to use 'pt2' on every run: we chose pickle on purpose (see log_model)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "serialization_format" not in record.getMessage()
+
+
+_PICKLE_CHOICE = _KnownPickleChoice()
+
+
 def log_model(model, example) -> str:
     """Log a CPU copy of `model` with signature and input example; returns its model URI."""
     import torch
     import torchvision
     from mlflow.models import infer_signature
 
+    logging.getLogger("mlflow.pytorch").addFilter(_PICKLE_CHOICE)  # adding it twice is a no-op
     model = model.to("cpu").eval()
     with torch.inference_mode():
         prediction = model(example)
