@@ -204,3 +204,18 @@ def test_ctrl_c_marks_the_run_killed(tmp_path, tiny_folder):
     assert "interrupted" in stderr
     (run,) = store_runs(store)
     assert run.info.status == "KILLED"
+
+
+@pytest.mark.parametrize("value", ["-1", "many"])
+def test_num_workers_must_be_auto_or_a_count(tmp_path, tiny_folder, value):
+    args = [o for o in FAST if not o.startswith("num_workers")]
+    result = run_cli(
+        tmp_path,
+        f"data.root={tiny_folder}",
+        "data=imagefolder",
+        "mode=scratch",
+        *args,
+        f"num_workers={value}",
+    )
+    assert result.returncode == 1
+    assert f"num_workers={value} must be auto or a whole number" in result.stderr

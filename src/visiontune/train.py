@@ -7,6 +7,7 @@ Heavy libraries (torch, torchvision, mlflow) are imported inside run(), so that 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -95,8 +96,8 @@ def check_numbers(cfg: DictConfig) -> None:
             f"model.input_size={cfg.model.input_size} is too small for {cfg.model.name}: it needs at least "
             f"{minimum} px (model.input_size={minimum})"
         )
-    if cfg.num_workers < 0:
-        raise VisiontuneError(f"num_workers={cfg.num_workers} must be 0 or more")
+    if cfg.num_workers != "auto" and (not isinstance(cfg.num_workers, int) or cfg.num_workers < 0):
+        raise VisiontuneError(f"num_workers={cfg.num_workers} must be auto or a whole number, 0 or more")
     if str(cfg.precision) not in PRECISIONS:
         raise VisiontuneError(f"precision={cfg.precision} must be one of {', '.join(PRECISIONS)}")
     if cfg.mode.pretrained and cfg.model.weights is None:
@@ -108,6 +109,12 @@ def check_numbers(cfg: DictConfig) -> None:
 
 def _example(key: str) -> str:
     return {"epochs": "15", "batch_size": "8", "optimizer.lr": "0.001"}[key]
+
+
+def worker_count(requested) -> int:
+    if requested != "auto":
+        return requested
+    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def pick_device(requested: str):
@@ -153,7 +160,7 @@ def train(cfg: DictConfig, launch_dir: Path) -> float:
     optimizer = instantiate(cfg.optimizer)(params=[p for p in model.parameters() if p.requires_grad])
     scheduler = instantiate(cfg.scheduler)(optimizer=optimizer) if cfg.scheduler else None
     loaders = data.build_loaders(
-        samples, cfg.model.input_size, cfg.batch_size, cfg.num_workers, cfg.seed,
+        samples, cfg.model.input_size, cfg.batch_size, worker_count(cfg.num_workers), cfg.seed,
         device.type == "cuda", cfg.data.skip_bad_images,
     )  # fmt: skip
     # Work done once instead of every epoch: with a frozen backbone in eval mode, the head's
