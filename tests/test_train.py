@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import FAST, make_image_folder, run_cli, store_runs
+from conftest import FAST, SHARED_DATA, make_image_folder, run_cli, store_runs
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +219,16 @@ def test_num_workers_must_be_auto_or_a_count(tmp_path, tiny_folder, value):
     )
     assert result.returncode == 1
     assert f"num_workers={value} must be auto or a whole number" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason="the shared hymenoptera copy is not beside this checkout"
+)
+def test_tutorial_data_at_full_size(tmp_path):
+    """Issue 2's first acceptance command, on the real 244 + 153 images at 224 px."""
+    result = run_cli(tmp_path, f"data.root={SHARED_DATA}", "mode=scratch", "epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
+    assert run.info.status == "FINISHED"
+    assert (run.data.params["train_images"], run.data.params["val_images"]) == ("244", "153")
