@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import hydra
@@ -80,7 +81,8 @@ def run_tags(cfg: DictConfig, choices, task_overrides) -> dict[str, str]:
     }
     for override in task_overrides:
         key, _, value = override.partition("=")
-        tags[key.lstrip("+~")] = value[:5000]
+        # MLflow tag keys allow letters, digits, _ - . / and spaces; `model@x` or `+key` do not fit.
+        tags[re.sub(r"[^\w\-./ ]", "_", key.lstrip("+~"))] = value[:5000]
     return tags
 
 
