@@ -232,3 +232,29 @@ def test_tutorial_data_at_full_size(tmp_path):
     (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
     assert run.info.status == "FINISHED"
     assert (run.data.params["train_images"], run.data.params["val_images"]) == ("244", "153")
+
+
+def test_pretrained_weights_unavailable_offline(workspace, tiny_folder):
+    """The default weights with no network (a closed localhost port as proxy): one clear message."""
+    from conftest import cli_env
+
+    env = cli_env(workspace) | {v: "http://127.0.0.1:9" for v in ("https_proxy", "HTTPS_PROXY", "http_proxy")}
+    env.pop("no_proxy", None)
+    env.pop("NO_PROXY", None)
+    before = snapshot(workspace)
+    result = run_cli(
+        workspace,
+        f"data.root={tiny_folder}",
+        "data=imagefolder",
+        "model=resnet",
+        "mode=finetune",
+        *FAST,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "could not load pretrained weights ResNet18_Weights.IMAGENET1K_V1 for resnet18" in result.stderr
+    assert "resnet18-f37072fd.pth" in result.stderr and "model.weights=PATH" in result.stderr
+    assert "Traceback" not in result.stderr
+    after = snapshot(workspace)
+    assert {k: after[k] for k in before} == before
+    assert [after[k][0] for k in after.keys() - before.keys()] == ["FAILED"]
