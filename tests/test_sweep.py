@@ -89,3 +89,52 @@ def test_failed_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path, tiny_folde
 def test_swept_keys_are_the_ones_with_several_values():
     overrides = ["model=resnet,vgg", "epochs=1", "optimizer.lr=range(0.1,0.3,0.1)", "mode=scratch"]
     assert swept_keys(overrides) == ["model", "optimizer.lr"]
+
+
+def test_ctrl_c_ends_the_sweep_killed_with_no_run_left_running(tmp_path, tiny_folder):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli_env
+
+    fast = [o for o in FAST if not o.startswith("epochs=")]
+    args = [
+        "-m",
+        f"data.root={tiny_folder}",
+        "data=imagefolder",
+        "mode=scratch",
+        *fast,
+        "epochs=500",
+        "seed=1,2",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "visiontune.train", *args],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    store = tmp_path / "outputs" / "mlflow.db"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the first job is really training
+            time.sleep(0.5)
+            try:
+                runs = store_runs(store) if store.exists() else []
+            except Exception:  # the store is still being created
+                continue
+            if any("val_acc" in r.data.metrics for r in runs):
+                break
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        leftover = process.communicate()
+    assert process.returncode == 130, (stderr if process.returncode is not None else leftover[1])[-3000:]
+    statuses = {r.info.run_name: r.info.status for r in store_runs(store)}
+    assert "RUNNING" not in statuses.values(), statuses
+    parent, children = parent_and_children(tmp_path)
+    assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["KILLED"]

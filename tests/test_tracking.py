@@ -82,3 +82,17 @@ def test_logged_model_loads_and_predicts_what_the_model_in_memory_predicts(store
         torch.testing.assert_close(loaded(inputs), expected)  # any batch size, same numbers
     info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 64, 64]
+
+
+def test_ctrl_c_during_a_store_write_waits_for_the_write():
+    import os
+    import signal
+
+    order = []
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            order.append("write finished")
+        order.append("not reached")
+    assert order == ["write finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

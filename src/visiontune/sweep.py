@@ -67,6 +67,7 @@ class MlflowSweep(Callback):
         from visiontune import compare
 
         client = MlflowClient(self.uri)
+        self._close_orphans(client, "FAILED")
         children = compare.select_runs(client, parent=self.parent_id)
         with tempfile.TemporaryDirectory() as tmp:
             rows = compare.write_report(client, children, Path(tmp))
@@ -88,9 +89,20 @@ class MlflowSweep(Callback):
             print(f"error: {len(failed)} of {len(rows)} jobs failed: {names}", file=sys.stderr)
             raise SystemExit(1)
 
+    def _close_orphans(self, client, status: str) -> None:
+        """Children still RUNNING once their jobs are over died without reporting (killed, OOM)."""
+        from visiontune import compare, tracking
+
+        for child in compare.select_runs(client, parent=self.parent_id):
+            if child.info.status == "RUNNING":
+                client.set_tag(child.info.run_id, tracking.ERROR_TAG, "the job ended without reporting")
+                client.set_terminated(child.info.run_id, status)
+
     def _end_abandoned(self) -> None:
         if self.parent_id is None:
             return
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(self.uri).set_terminated(self.parent_id, "KILLED")
+        client = MlflowClient(self.uri)
+        self._close_orphans(client, "KILLED")
+        client.set_terminated(self.parent_id, "KILLED")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -64,6 +66,26 @@ def ensure_experiment(uri: str, name: str) -> str:
 
 
 @contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold a Ctrl-C until the block ends, so no write to the store is cut off halfway.
+
+    MLflow's SQLite sessions roll back on Exception, not on KeyboardInterrupt; an interrupt in
+    the middle of one can leave a transaction open that the KILLED status update then waits on.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list = []
+    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def tracked_run(
     uri: str,
     experiment_id: str,
@@ -73,19 +95,23 @@ def tracked_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that ends FINISHED, FAILED (error tag set) or KILLED, whatever happens inside."""
     mlflow.set_tracking_uri(uri)
-    run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, tags=dict(tags), parent_run_id=parent_run_id
-    )
+    with deferred_interrupt():
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, tags=dict(tags), parent_run_id=parent_run_id
+        )
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        with deferred_interrupt():
+            mlflow.end_run("KILLED")
         raise
     except BaseException as err:
-        mlflow.set_tag(ERROR_TAG, user_message(err)[:PARAM_VALUE_LIMIT])
-        mlflow.end_run("FAILED")
+        with deferred_interrupt():
+            mlflow.set_tag(ERROR_TAG, user_message(err)[:PARAM_VALUE_LIMIT])
+            mlflow.end_run("FAILED")
         raise
-    mlflow.end_run("FINISHED")
+    with deferred_interrupt():
+        mlflow.end_run("FINISHED")
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
@@ -108,7 +134,13 @@ def shorten(value: object, limit: int = PARAM_VALUE_LIMIT) -> str:
 
 
 def log_params(params: Mapping[str, object]) -> None:
-    mlflow.log_params({key: shorten(value) for key, value in params.items()})
+    with deferred_interrupt():
+        mlflow.log_params({key: shorten(value) for key, value in params.items()})
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    with deferred_interrupt():
+        mlflow.log_metrics(dict(metrics), step=step)
 
 
 class _KnownPickleChoice(logging.Filter):
@@ -132,20 +164,21 @@ def log_model(model, example) -> str:
     with torch.inference_mode():
         prediction = model(example)
     signature = infer_signature(example.numpy(), prediction.numpy())
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        signature=signature,
-        input_example=example.numpy(),
-        # A pickled nn.Module takes any batch size; MLflow's torch.export format would fix the
-        # batch dimension to the input example's.
-        serialization_format="pickle",
-        # Stated, not inferred: inference would start a new Python that imports torch again.
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"torchvision=={torchvision.__version__.split('+')[0]}",
-        ],
-    )
+    with deferred_interrupt():
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example.numpy(),
+            # A pickled nn.Module takes any batch size; MLflow's torch.export format would fix the
+            # batch dimension to the input example's.
+            serialization_format="pickle",
+            # Stated, not inferred: inference would start a new Python that imports torch again.
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"torchvision=={torchvision.__version__.split('+')[0]}",
+            ],
+        )
     return info.model_uri
 
 

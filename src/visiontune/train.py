@@ -180,7 +180,7 @@ def train(cfg: DictConfig, launch_dir: Path) -> float:
         cfg.model.aux_loss_weight, frozen_norms, trunk, on_epoch=_epoch_logger(cfg.epochs),
     )  # fmt: skip
 
-    mlflow.log_metrics({"best_val_acc": result.best_acc, "best_epoch": result.best_epoch})
+    tracking.log_metrics({"best_val_acc": result.best_acc, "best_epoch": result.best_epoch})
     curves = {f"{cfg.model.name}-{cfg.mode.name}": result.val_curve}
     mlflow.log_figure(plots.accuracy_curves(curves, "Validation accuracy"), "val_acc.png")
     if cfg.mlflow.log_model:
@@ -237,10 +237,10 @@ def log_params(cfg: DictConfig, facts: dict) -> None:
 
 def _epoch_logger(epochs: int):
     """One MLflow step and one summary line per epoch."""
-    import mlflow
+    from visiontune import tracking
 
     def on_epoch(r) -> None:
-        mlflow.log_metrics(
+        tracking.log_metrics(
             {"train_loss": r.train.loss, "train_acc": r.train.acc, "val_loss": r.val.loss,
              "val_acc": r.val.acc, "epoch_seconds": r.seconds, "lr": r.lr},
             step=r.epoch,
