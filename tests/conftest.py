@@ -105,3 +105,35 @@ def store_runs(store: Path, experiment: str = "visiontune"):
     if exp is None:
         return []
     return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def interrupt_once_training(cwd: Path, *args: str) -> tuple[int, str]:
+    """Start visiontune-train, press Ctrl-C once a run has logged an epoch; (exit code, stderr)."""
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "visiontune.train", *args],
+        cwd=cwd,
+        env=cli_env(cwd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    store = cwd / "outputs" / "mlflow.db"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                runs = store_runs(store) if store.exists() else []
+            except Exception:  # the store is still being created
+                continue
+            if any("val_acc" in r.data.metrics for r in runs):
+                break
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        leftover = process.communicate()
+    return process.returncode, stderr if process.returncode is not None else leftover[1]

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from conftest import FAST, run_cli, store_runs
+from conftest import FAST, interrupt_once_training, run_cli, store_runs
 from visiontune.sweep import swept_keys
 
 
@@ -92,13 +92,6 @@ def test_swept_keys_are_the_ones_with_several_values():
 
 
 def test_ctrl_c_ends_the_sweep_killed_with_no_run_left_running(tmp_path, tiny_folder):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import cli_env
-
     fast = [o for o in FAST if not o.startswith("epochs=")]
     args = [
         "-m",
@@ -109,31 +102,9 @@ def test_ctrl_c_ends_the_sweep_killed_with_no_run_left_running(tmp_path, tiny_fo
         "epochs=500",
         "seed=1,2",
     ]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "visiontune.train", *args],
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    returncode, stderr = interrupt_once_training(tmp_path, *args)
+    assert returncode == 130, stderr[-3000:]
     store = tmp_path / "outputs" / "mlflow.db"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # until the first job is really training
-            time.sleep(0.5)
-            try:
-                runs = store_runs(store) if store.exists() else []
-            except Exception:  # the store is still being created
-                continue
-            if any("val_acc" in r.data.metrics for r in runs):
-                break
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        leftover = process.communicate()
-    assert process.returncode == 130, (stderr if process.returncode is not None else leftover[1])[-3000:]
     statuses = {r.info.run_name: r.info.status for r in store_runs(store)}
     assert "RUNNING" not in statuses.values(), statuses
     parent, children = parent_and_children(tmp_path)

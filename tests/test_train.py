@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import FAST, SHARED_DATA, make_image_folder, run_cli, store_runs
+from conftest import FAST, SHARED_DATA, interrupt_once_training, make_image_folder, run_cli, store_runs
 
 
 @pytest.fixture(scope="module")
@@ -169,40 +169,11 @@ def test_feature_extract_from_a_weights_file_trains_only_the_head(tmp_path, tiny
 
 
 def test_ctrl_c_marks_the_run_killed(tmp_path, tiny_folder):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import cli_env
-
     args = [f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST[1:], "epochs=500"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "visiontune.train", *args],
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    store = tmp_path / "outputs" / "mlflow.db"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # wait until the run is really training
-            time.sleep(0.5)
-            try:
-                runs = store_runs(store) if store.exists() else []
-            except Exception:  # the store is still being created
-                continue
-            if runs and "val_acc" in runs[0].data.metrics:
-                break
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 130, stderr[-2000:]
+    returncode, stderr = interrupt_once_training(tmp_path, *args)
+    assert returncode == 130, stderr[-2000:]
     assert "interrupted" in stderr
-    (run,) = store_runs(store)
+    (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
     assert run.info.status == "KILLED"
 
 
