@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from visiontune import user_message
+from visiontune import VisiontuneError, user_message
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,13 @@ def ensure_experiment(uri: str, name: str) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
+    try:
+        experiment = client.get_experiment_by_name(name)
+    except Exception as err:  # a wrong scheme, a server that is down, a store we cannot open
+        raise VisiontuneError(
+            f"cannot use the MLflow store mlflow.tracking_uri={uri}: {user_message(err)[:500]}. "
+            f"Check the URI (sqlite:///abs/path.db, http://host:port) or unset it for outputs/mlflow.db."
+        ) from err
     if experiment is None:
         try:
             location = artifact_location(uri)
