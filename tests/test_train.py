@@ -229,3 +229,17 @@ def test_pretrained_weights_unavailable_offline(workspace, tiny_folder):
     after = snapshot(workspace)
     assert {k: after[k] for k in before} == before
     assert [after[k][0] for k in after.keys() - before.keys()] == ["FAILED"]
+
+
+def test_unusable_tracking_uri(tmp_path, tiny_folder):
+    result = run_cli(
+        tmp_path,
+        f"data.root={tiny_folder}",
+        "data=imagefolder",
+        "mode=scratch",
+        *FAST,
+        "mlflow.tracking_uri=foo://bar",
+    )
+    assert result.returncode == 1
+    assert "cannot use the MLflow store mlflow.tracking_uri=foo://bar" in result.stderr
+    assert "Traceback" not in result.stderr

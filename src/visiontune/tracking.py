@@ -48,8 +48,8 @@ def ensure_experiment(uri: str, name: str) -> str:
     """The experiment's id, creating the store and the experiment if they do not exist yet."""
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(uri)
     try:
+        client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(name)
     except Exception as err:  # a wrong scheme, a server that is down, a store we cannot open
         raise VisiontuneError(
