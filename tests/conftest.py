@@ -12,6 +12,10 @@ import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
 
+# No test reaches the network: MLflow's usage telemetry stays off in this process and the CLIs.
+NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+os.environ.update(NO_TELEMETRY)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "hymenoptera_data"
 ARCHS = {
@@ -74,7 +78,7 @@ def standin_weights(tmp_path_factory):
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))} | NO_TELEMETRY
     env["TORCH_HOME"] = str(tmp_path / "torch_home")
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -94,6 +98,33 @@ def run_cli(cwd: Path, *args: str, module: str = "visiontune.train", env=None, t
 
 # Overrides that make a CLI run take seconds on a CPU.
 FAST = ("epochs=1", "num_workers=0", "batch_size=4", "model.input_size=64")
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory, tiny_folder):
+    """A launch dir whose store holds one finished sweep of two children, 2 epochs each.
+
+    Read-only for the tests that share it (compare, the UI).
+    """
+    from types import SimpleNamespace
+
+    cwd = tmp_path_factory.mktemp("sweep-launch")
+    fast = [o for o in FAST if not o.startswith("epochs=")]
+    result = run_cli(
+        cwd, "-m", "model=squeezenet,resnet", "mode=scratch", "data=imagefolder", f"data.root={tiny_folder}",
+        *fast, "epochs=2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = cwd / "outputs" / "mlflow.db"
+    runs = store_runs(store)
+    (parent,) = [r for r in runs if r.data.tags.get("visiontune.sweep") == "parent"]
+    children = {
+        r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert len(runs) == 1 + len(children)
+    return SimpleNamespace(
+        cwd=cwd, store=store, experiment_id=parent.info.experiment_id, parent=parent, children=children
+    )
 
 
 def store_runs(store: Path, experiment: str = "visiontune"):

@@ -7,29 +7,12 @@ import csv
 import pytest
 from PIL import Image
 
-from conftest import FAST, run_cli, store_runs
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, tiny_folder):
-    cwd = tmp_path_factory.mktemp("compare")
-    result = run_cli(
-        cwd,
-        "-m",
-        f"data.root={tiny_folder}",
-        "data=imagefolder",
-        *FAST[:-1],
-        "model.input_size=64",
-        "model=squeezenet",
-        "mode=scratch",
-        "seed=1,2",
-        "epochs=2",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = store_runs(cwd / "outputs" / "mlflow.db")
-    parent = next(r for r in runs if r.data.tags.get("visiontune.sweep") == "parent")
-    children = [r for r in runs if r is not parent]
-    return cwd, parent, children
+def swept(tiny_sweep):
+    return tiny_sweep.cwd, tiny_sweep.parent, list(tiny_sweep.children.values())
 
 
 def compare(cwd, *args):
@@ -57,9 +40,12 @@ def test_compare_writes_the_sweeps_table_and_figure(swept, how, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = read_report(tmp_path / "report")
     assert {r["run_id"] for r in rows} == {c.info.run_id for c in children}
-    best = max(children, key=lambda c: c.data.metrics["best_val_acc"])
-    assert float(rows[0]["best_val_acc"]) == best.data.metrics["best_val_acc"]
-    assert float(rows[0]["train_seconds"]) > 0 and rows[0]["trainable_params"] == "736450"
+    ranked = sorted(children, key=lambda c: (-c.data.metrics["best_val_acc"], c.info.run_name))
+    assert [r["run_id"] for r in rows] == [c.info.run_id for c in ranked], "best first"
+    for row, child in zip(rows, ranked, strict=True):
+        assert float(row["best_val_acc"]) == child.data.metrics["best_val_acc"]
+        assert row["trainable_params"] == child.data.params["trainable_params"]
+        assert float(row["train_seconds"]) > 0 and row["status"] == "FINISHED"
 
 
 def test_compare_on_the_parent_matches_the_sweep_summary(swept, tmp_path):

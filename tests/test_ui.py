@@ -25,8 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import FAST, REPO, cli_env, run_cli, store_runs
-from visiontune.ui import QUIET as QUIET_MLFLOW
+from conftest import REPO
 from visiontune.ui import TRAINING_VIEW
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -72,30 +71,11 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, tiny_folder):
-    """A launch dir whose outputs/ holds a finished two-child sweep, and what MLflow recorded."""
-    cwd = tmp_path_factory.mktemp("ui-launch")
-    result = run_cli(
-        cwd,
-        "-m",
-        "model=squeezenet,resnet",
-        "mode=scratch",
-        "data=imagefolder",
-        f"data.root={tiny_folder}",
-        *FAST,
-        env=cli_env(cwd) | QUIET_MLFLOW,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    store = cwd / "outputs" / "mlflow.db"
-    runs = store_runs(store)
-    (parent,) = [r for r in runs if r.data.tags.get("visiontune.sweep") == "parent"]
-    children = {
-        r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
-    }
-    assert parent.info.run_name.startswith("sweep-") and sorted(children) == sorted(CHILDREN)
-    return SimpleNamespace(
-        store=store, experiment_id=parent.info.experiment_id, parent=parent, children=children
-    )
+def sweep(tiny_sweep):
+    """The shared sweep's store: a parent run and its two children."""
+    assert tiny_sweep.parent.info.run_name.startswith("sweep-")
+    assert sorted(tiny_sweep.children) == sorted(CHILDREN)
+    return tiny_sweep
 
 
 # --- the server: the real `mlflow ui` ----------------------------------------------------------
