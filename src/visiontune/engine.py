@@ -1,4 +1,4 @@
-"""One pass over a loader: train_one_epoch and evaluate. Plain functions, no config inside."""
+"""The training loop: train_one_epoch, evaluate and fit over them. Plain functions, no config inside."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from visiontune.models import set_train_mode
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how tensors are computed: device, autocast dtype, memory layout."""
+    """Where and how tensors are computed: device, input normalisation, autocast dtype, memory layout."""
 
     device: torch.device
     normalize: Callable[[torch.Tensor], torch.Tensor]
@@ -46,7 +46,7 @@ class _Tally:
     """Loss and accuracy summed on the device; read back once per phase, not once per batch."""
 
     def __init__(self, device: torch.device):
-        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.loss = torch.zeros((), device=device)  # float32: MPS has no float64
         self.correct = torch.zeros((), device=device, dtype=torch.int64)
         self.count = 0
 
