@@ -243,3 +243,13 @@ def test_unusable_tracking_uri(tmp_path, tiny_folder):
     assert result.returncode == 1
     assert "cannot use the MLflow store mlflow.tracking_uri=foo://bar" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_starts_without_importing_torch_or_mlflow():
+    """--help, --cfg and config errors answer without paying for torch and mlflow imports."""
+    import subprocess
+    import sys
+
+    code = "import sys, visiontune.train, visiontune.sweep; print(sorted({'torch', 'mlflow'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
