@@ -50,28 +50,27 @@ def download(url: str, root: Path, md5: str | None, tree_sha256: str | None) -> 
     staging = root.parent / f".{root.name}.download"
     shutil.rmtree(staging, ignore_errors=True)
     log.info("data.root=%s is missing: downloading %s", root, url)
-    try:
-        download_and_extract_archive(url, download_root=str(staging), md5=md5)
-    except Exception as err:
+    try:  # whatever happens, the staging folder goes; only a verified tree becomes `root`
+        try:
+            download_and_extract_archive(url, download_root=str(staging), md5=md5)
+        except Exception as err:
+            raise VisiontuneError(
+                f"could not download {url} for data.root={root}: {err}. On an offline machine, "
+                f"unpack the archive yourself and pass data.root=/path/to/its/folder."
+            ) from err
+        tops = [p for p in staging.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))]
+        if len(tops) != 1:
+            raise VisiontuneError(f"the archive at {url} should hold one top folder, found {len(tops)}")
+        if tree_sha256 and (actual := tree_digest(tops[0])) != tree_sha256:
+            raise VisiontuneError(
+                f"the files downloaded from {url} fail their checksum (tree sha256 {actual}, "
+                f"expected {tree_sha256}): the download is damaged or the archive changed. "
+                f"Nothing was kept; run again, or unpack a trusted copy and pass data.root."
+            )
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tops[0].rename(root)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise VisiontuneError(
-            f"could not download {url} for data.root={root}: {err}. On an offline machine, "
-            f"unpack the archive yourself and pass data.root=/path/to/its/folder."
-        ) from err
-    tops = [p for p in staging.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))]
-    if len(tops) != 1:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise VisiontuneError(f"the archive at {url} should hold one top folder, found {len(tops)}")
-    if tree_sha256 and (actual := tree_digest(tops[0])) != tree_sha256:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise VisiontuneError(
-            f"the files downloaded from {url} fail their checksum (tree sha256 {actual}, "
-            f"expected {tree_sha256}): the download is damaged or the archive changed. "
-            f"Nothing was kept; run again, or unpack a trusted copy and pass data.root."
-        )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tops[0].rename(root)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def tree_digest(root: Path) -> str:
@@ -155,7 +154,7 @@ def _header_ok(path: str) -> bool:
 
 
 class ImageFiles(Dataset):
-    """(image tensor, label) pairs decoded with torchvision.io from a list of files."""
+    """(uint8 image tensor, label) pairs decoded with PIL from a list of files."""
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, skip_bad: bool = False):
         self.samples = list(samples)

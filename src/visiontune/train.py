@@ -156,7 +156,8 @@ def train(cfg: DictConfig, launch_dir: Path) -> float:
         len(samples["val"]), f"{trainable:,}", f"{total:,}",
     )  # fmt: skip
 
-    amp_dtype = getattr(torch, PRECISIONS[str(cfg.precision)]) if PRECISIONS[str(cfg.precision)] else None
+    amp_name = PRECISIONS[str(cfg.precision)]
+    amp_dtype = getattr(torch, amp_name) if amp_name else None
     runtime = engine.Runtime(device, data.Normalizer(device), amp_dtype, cfg.channels_last)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     optimizer = instantiate(cfg.optimizer)(params=[p for p in model.parameters() if p.requires_grad])
