@@ -126,15 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     from visiontune import VisiontuneError, tracking
 
     uri = tracking.tracking_uri(args.tracking_uri, Path.cwd())
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         parser.error(f"no MLflow store at {uri}: run visiontune-train first or pass --tracking-uri")
-    client = MlflowClient(uri)
     try:
+        client = tracking.open_store(uri)
         runs = select_runs(client, args.experiment, args.parent, args.run_ids or ())
         if not runs:
             raise VisiontuneError("no runs matched: check the experiment name, parent id or run ids")

@@ -15,6 +15,11 @@ from mlflow.tracking import MlflowClient
 
 from visiontune import VisiontuneError, user_message
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; stores there are opened unguarded
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 # MLflow rejects longer param values (mlflow.utils.validation); we shorten instead of failing.
@@ -44,12 +49,40 @@ def artifact_location(uri: str) -> str | None:
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """One process at a time creates or upgrades a SQLite store's tables.
+
+    MLflow migrates a new or older SQLite file when a client opens it; two processes doing that
+    at once (a job and `visiontune-compare`, two first runs) break the file for good with
+    "table _alembic_tmp_... already exists". A lock file beside the store serialises them.
+    """
+    if not uri.startswith("sqlite:///") or fcntl is None:
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client on `uri`, its store created or upgraded by this process alone and never half-way.
+
+    A Ctrl-C during MLflow's migrations would leave the file neither old nor new, so it waits.
+    """
+    with _store_lock(uri), deferred_interrupt():
+        return MlflowClient(uri)  # the client builds (and migrates) the store right away
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     """The experiment's id, creating the store and the experiment if they do not exist yet."""
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        client = MlflowClient(uri)
+        client = open_store(uri)
         experiment = client.get_experiment_by_name(name)
     except Exception as err:  # a wrong scheme, a server that is down, a store we cannot open
         raise VisiontuneError(

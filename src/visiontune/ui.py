@@ -34,8 +34,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from mlflow.tracking import MlflowClient
-
     from visiontune import tracking
 
     uri = tracking.tracking_uri(args.tracking_uri, Path.cwd())
@@ -44,7 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         parser.error(f"no MLflow store at {uri}: run visiontune-train here first, or pass --tracking-uri")
-    experiment = MlflowClient(uri).get_experiment_by_name(args.experiment)
+    # Upgrading an older store here, under visiontune's lock, keeps the UI's own start-up from
+    # migrating it while a training run opens it too.
+    experiment = tracking.open_store(uri).get_experiment_by_name(args.experiment)
     base = f"http://{args.host}:{args.port}"
     print(f"serving {uri}")
     print(f"open {experiment_url(base, experiment.experiment_id) if experiment else base}", flush=True)
