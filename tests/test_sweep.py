@@ -109,3 +109,14 @@ def test_ctrl_c_ends_the_sweep_killed_with_no_run_left_running(tmp_path, tiny_fo
     assert "RUNNING" not in statuses.values(), statuses
     parent, children = parent_and_children(tmp_path)
     assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["KILLED"]
+
+
+def test_sweep_on_an_unusable_store_stops_before_any_job(tmp_path, tiny_folder):
+    result = sweep(
+        tmp_path, tiny_folder, "model=squeezenet", "mode=scratch", "seed=1,2", "mlflow.tracking_uri=foo://bar"
+    )
+    assert result.returncode == 1
+    assert "cannot start the sweep's MLflow parent run" in result.stderr
+    assert "mlflow.tracking_uri=foo://bar" in result.stderr
+    assert "Launching" not in result.stdout + result.stderr, "no job may run without its parent"
+    assert "Traceback" not in result.stderr
