@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -138,6 +139,23 @@ def store_runs(store: Path, experiment: str = "visiontune"):
     return client.search_runs([exp.experiment_id], max_results=1000)
 
 
+def has_metric(store: Path, key: str) -> bool:
+    """Whether any run in the store has logged `key`, read without MLflow.
+
+    An MLflow client would create or migrate the store while the process under test is doing
+    the same; a read-only SQLite connection changes nothing.
+    """
+    import sqlite3
+
+    if not store.exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT 1 FROM metrics WHERE key = ? LIMIT 1", (key,)).fetchone() is not None
+    except sqlite3.Error:  # no metrics table yet
+        return False
+
+
 def interrupt_once_training(cwd: Path, *args: str) -> tuple[int, str]:
     """Start visiontune-train, press Ctrl-C once a run has logged an epoch; (exit code, stderr)."""
     import signal
@@ -154,14 +172,8 @@ def interrupt_once_training(cwd: Path, *args: str) -> tuple[int, str]:
     store = cwd / "outputs" / "mlflow.db"
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not has_metric(store, "val_acc"):
             time.sleep(0.5)
-            try:
-                runs = store_runs(store) if store.exists() else []
-            except Exception:  # the store is still being created
-                continue
-            if any("val_acc" in r.data.metrics for r in runs):
-                break
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     finally:
