@@ -37,8 +37,33 @@ def select_runs(client, experiment: str | None = None, parent: str | None = None
     return [r for r in runs if r.data.tags.get("visiontune.sweep") != "parent"]
 
 
+# Swept keys that the fixed columns already show.
+SHOWN_KEYS = {"model", "mode", "optimizer", "optimizer.lr"}
+
+
+def swept_keys_of(client, runs: Sequence) -> list[str]:
+    """Other keys the runs' sweeps varied (batch_size, seed...), from their parents' sweep.varied tags."""
+    from mlflow.exceptions import MlflowException
+
+    parents = dict.fromkeys(
+        r.data.tags["mlflow.parentRunId"] for r in runs if "mlflow.parentRunId" in r.data.tags
+    )
+    keys: dict[str, None] = {}
+    for parent in parents:
+        try:
+            varied = client.get_run(parent).data.tags.get("sweep.varied", "")
+        except MlflowException:  # the parent was deleted: its children still compare
+            continue
+        keys.update(dict.fromkeys(key for key in varied.split(",") if key and key not in SHOWN_KEYS))
+    return list(keys)
+
+
 def leaderboard(client, runs: Sequence) -> tuple[list[dict], dict[str, list[float]]]:
-    """One row per run, best first (failed runs last), and each run's val accuracy per epoch."""
+    """One row per run, best first (failed runs last), and each run's val accuracy per epoch.
+
+    Each key the runs' sweeps varied beyond model, mode, optimizer and lr gets a column after lr.
+    """
+    extra = swept_keys_of(client, runs)
     rows, curves = [], {}
     for run in runs:
         params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
@@ -54,6 +79,7 @@ def leaderboard(client, runs: Sequence) -> tuple[list[dict], dict[str, list[floa
                 # A run that failed early has tags but no params yet.
                 "optimizer": params.get("optimizer.name", tags.get("optimizer", "")),
                 "lr": params.get("optimizer.lr", tags.get("lr", "")),
+                **{key: params.get(key, tags.get(key, "")) for key in extra},
                 "status": run.info.status,
                 "best_val_acc": metrics.get("best_val_acc"),
                 "best_epoch": int(metrics["best_epoch"]) if "best_epoch" in metrics else None,
@@ -73,7 +99,7 @@ def _label(run, taken: dict) -> str:
 
 
 def to_markdown(rows: Sequence[dict]) -> str:
-    shown = [c for c in COLUMNS if c != "run_id"]
+    shown = [c for c in (rows[0] if rows else COLUMNS) if c != "run_id"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
         cells = [_cell(row[c], "{:.1f}" if c == "train_seconds" else "{:.4f}") for c in shown]
@@ -91,7 +117,7 @@ def _cell(value, float_format: str) -> str:
 
 def to_csv(rows: Sequence[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
