@@ -121,7 +121,10 @@ def deferred_interrupt() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
     if received:
-        raise KeyboardInterrupt
+        if callable(previous):  # the handler we stood in for sees the Ctrl-C too
+            previous(*received[0])
+        if previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
