@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import atexit
 import logging
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -22,23 +24,61 @@ from omegaconf import DictConfig
 log = logging.getLogger("visiontune")
 
 
-def swept_keys(task_overrides) -> list[str]:
-    """The keys a multirun varies: model=resnet,vgg and lr=range(...) count, epochs=1 does not."""
-    parsed = OverridesParser.create().parse_overrides(list(task_overrides))
-    return [o.get_key_element() for o in parsed if o.is_sweep_override()]
+def swept_keys(task_overrides, sweeper_params=None) -> list[str]:
+    """The keys a multirun varies: model=resnet,vgg and lr=range(...) count, epochs=1 does not.
+
+    `sweeper_params` is hydra.sweeper.params, where search spaces such as search=optuna's live.
+    """
+    parser = OverridesParser.create()
+    given = parser.parse_overrides(list(task_overrides))
+    searched = parser.parse_overrides([f"{key}={value}" for key, value in (sweeper_params or {}).items()])
+    fixed = {o.get_key_element() for o in given if not o.is_sweep_override()}  # batch_size=16 wins
+    keys = (o.get_key_element() for o in [*searched, *given] if o.is_sweep_override())
+    return list(dict.fromkeys(key for key in keys if key not in fixed))
+
+
+def check_sweeper(sweeper: DictConfig) -> None:
+    """Settings of an optimising sweeper (search=optuna) that cannot work with visiontune's jobs."""
+    from omegaconf import ListConfig
+
+    from visiontune import VisiontuneError
+
+    direction = sweeper.get("direction")
+    if direction is not None:
+        directions = list(direction) if isinstance(direction, ListConfig | list) else [direction]
+        names = [getattr(d, "name", str(d)).lower() for d in directions]  # enum or string
+        if names != ["maximize"]:
+            raise VisiontuneError(
+                f"hydra.sweeper.direction={','.join(names)} would search for the lowest val accuracy; "
+                f"each job returns its best val accuracy, so set hydra.sweeper.direction=maximize "
+                f"(search=optuna does)"
+            )
+    if sweeper.get("storage"):
+        # Hydra's Optuna sweeper supports optuna 2.x only, whose database storage predates
+        # SQLAlchemy 2 (which MLflow needs); it fails with a bare AssertionError.
+        raise VisiontuneError(
+            f"hydra.sweeper.storage={sweeper.storage}: the Optuna 2.x that Hydra's sweeper supports "
+            f"cannot use a database next to MLflow's SQLAlchemy 2; leave it unset (the study lives in "
+            f"memory and every trial is kept in MLflow)"
+        )
 
 
 class MlflowSweep(Callback):
     def __init__(self) -> None:
         self.uri: str | None = None
         self.parent_id: str | None = None
+        self.interrupted = False
 
     # Hydra turns an exception in a callback into a warning and carries on: a sweep would run
     # with no parent, or end with exit 0 after its summary failed. Each hook therefore reports
     # its own failure and exits 1 (SystemExit passes through Hydra).
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from visiontune import VisiontuneError
+
         try:
             self._open_parent(config)
+        except VisiontuneError as err:
+            _fail(_message(err))
         except Exception as err:
             _fail(f"cannot start the sweep's MLflow parent run: {_message(err)}")
 
@@ -46,7 +86,7 @@ class MlflowSweep(Callback):
         try:
             failed, total = self._summarise()
         except Exception as err:
-            self._end_abandoned("FAILED")
+            self._end_abandoned(f"its summary failed: {_message(err)}")
             _fail(f"cannot write the sweep's summary on its MLflow parent run: {_message(err)}")
         if failed:
             # print, not log: after the jobs, logging is configured by whichever job ran last.
@@ -57,14 +97,18 @@ class MlflowSweep(Callback):
 
         from visiontune import tracking
 
+        check_sweeper(config.hydra.sweeper)
         launch_dir = Path(config.hydra.runtime.cwd)
         self.uri = tracking.tracking_uri(config.mlflow.tracking_uri, launch_dir)
         experiment_id = tracking.ensure_experiment(self.uri, config.mlflow.experiment_name)
         sweep_dir = launch_dir / str(config.hydra.sweep.dir)
         overrides = list(config.hydra.overrides.task)
-        varied = swept_keys(overrides)
-        # A sweep stopped by Ctrl-C or a crash never reaches on_multirun_end.
+        varied = swept_keys(overrides, config.hydra.sweeper.get("params"))
+        # A sweep stopped by Ctrl-C or by its sweeper failing (Optuna, when no trial completed)
+        # never reaches on_multirun_end; the parent then ends KILLED or FAILED at exit.
         atexit.register(self._end_abandoned)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._note_interrupt)
         with tracking.deferred_interrupt():  # the id must be kept once the run exists
             run = MlflowClient(self.uri).create_run(
                 experiment_id,
@@ -115,15 +159,25 @@ class MlflowSweep(Callback):
                 client.set_tag(child.info.run_id, tracking.ERROR_TAG, "the job ended without reporting")
                 client.set_terminated(child.info.run_id, status)
 
-    def _end_abandoned(self, status: str = "KILLED") -> None:
-        """End a parent (and children) that the sweep left RUNNING; never raises, it runs at exit."""
+    def _note_interrupt(self, signum, frame) -> None:
+        self.interrupted = True
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as without us
+
+    def _end_abandoned(self, reason: str = "the sweep stopped before its end") -> None:
+        """End a parent (and children) left RUNNING: KILLED after Ctrl-C, else FAILED. Never raises."""
         if self.parent_id is None:
             return
         from mlflow.tracking import MlflowClient
 
+        from visiontune import tracking
+
+        status = "KILLED" if self.interrupted else "FAILED"
         try:
             client = MlflowClient(self.uri)
             self._close_orphans(client, status)
+            if status == "FAILED":
+                client.set_tag(self.parent_id, tracking.ERROR_TAG, reason)
+                print(f"error: {reason}; its MLflow parent run {self.parent_id} is FAILED", file=sys.stderr)
             client.set_terminated(self.parent_id, status)
             self.parent_id = None
         except Exception as err:

@@ -255,5 +255,27 @@ def _epoch_logger(epochs: int):
     return on_epoch
 
 
-if __name__ == "__main__":
+# Options that live in optional Hydra plugins: (override, plugin module, what to install).
+PLUGIN_OPTIONS = (
+    ("search=optuna", "hydra_plugins.hydra_optuna_sweeper", "visiontune[optuna]"),
+    ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "visiontune[optuna]"),
+)
+
+
+def cli() -> None:
+    """The console script: main(), after checking that options from optional plugins can load.
+
+    Without the plugin Hydra only says it cannot find 'hydra/sweeper/optuna'; this says what to
+    install instead.
+    """
+    import importlib.util
+    import sys
+
+    for option, module, extra in PLUGIN_OPTIONS:
+        if option in sys.argv[1:] and importlib.util.find_spec(module) is None:
+            sys.exit(f'error: {option} needs a Hydra plugin that is not installed: pip install "{extra}"')
     main()
+
+
+if __name__ == "__main__":
+    cli()
