@@ -43,8 +43,8 @@ def standin_weights(arch: str, folder: Path) -> Path:
 
 def run_seed(args, weights: Path) -> dict:
     feature_extract = "1" if args.mode == "feature_extract" else "0"
-    cmd = [sys.executable, str(SEED), str(args.data), args.model, str(args.epochs), feature_extract]
-    cmd += [str(weights) if args.mode != "scratch" else "none", str(args.workers)]
+    cmd = [sys.executable, str(args.seed_script), str(args.data), args.model, str(args.epochs)]
+    cmd += [feature_extract, str(weights) if args.mode != "scratch" else "none", str(args.workers)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("SEED_RESULT "))
     result = json.loads(line.removeprefix("SEED_RESULT "))
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--seed-script", type=Path, default=SEED, help="the tutorial's loop (baseline)")
     parser.add_argument("extra", nargs="*", help="more visiontune overrides, e.g. precision=bf16")
     args = parser.parse_args()
 
