@@ -103,6 +103,7 @@ def test_optuna_search_maximises_best_val_acc_with_each_trial_a_child(tmp_path, 
     parent, children = parent_and_children(tmp_path)
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep.varied"] == "optimizer.lr,batch_size"
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.info.run_name for c in children) == ["squeezenet-scratch #0", "squeezenet-scratch #1"]
     for child in children:  # each trial's sampled values, from the search space in conf/search
         assert 1e-5 <= float(child.data.params["optimizer.lr"]) <= 1e-1
         assert child.data.tags["batch_size"] in {"4", "8", "16", "32"}

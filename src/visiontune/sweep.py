@@ -121,8 +121,7 @@ class MlflowSweep(Callback):
                 },
             )
             self.parent_id = run.info.run_id
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / tracking.PARENT_RUN_FILE).write_text(self.parent_id)
+        tracking.write_sweep(sweep_dir, self.parent_id, varied)
         log.info("MLflow parent run %s for this sweep (varies %s)", self.parent_id, ", ".join(varied) or "-")
 
     def _summarise(self) -> tuple[list[str], int]:

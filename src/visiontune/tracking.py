@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -224,11 +225,20 @@ def log_model(model, example) -> str:
     return info.model_uri
 
 
-# A multirun's parent run id, written once into the sweep folder before any job starts, so
-# that jobs in this process and in joblib's worker processes all find the same parent.
-PARENT_RUN_FILE = ".mlflow_parent_run_id"
+# A multirun's parent run id and the keys it varies, written once into the sweep folder before
+# any job starts, so that jobs in this process and in joblib's worker processes all find them.
+SWEEP_FILE = ".mlflow_sweep.json"
 
 
-def parent_run_id(sweep_dir: Path) -> str | None:
-    path = sweep_dir / PARENT_RUN_FILE
-    return path.read_text().strip() if path.is_file() else None
+def write_sweep(sweep_dir: Path, parent_run_id: str, varied: list[str]) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps({"parent_run_id": parent_run_id, "varied": varied}))
+
+
+def read_sweep(sweep_dir: Path) -> tuple[str | None, list[str]]:
+    """(parent run id, varied keys); (None, []) where no sweep callback ran (it was removed)."""
+    path = sweep_dir / SWEEP_FILE
+    if not path.is_file():
+        return None, []
+    sweep = json.loads(path.read_text())
+    return sweep["parent_run_id"], sweep["varied"]

@@ -52,11 +52,13 @@ def run(cfg: DictConfig) -> float:
     choices = hydra_cfg.runtime.choices
     uri = tracking.tracking_uri(cfg.mlflow.tracking_uri, launch_dir)
     experiment_id = tracking.ensure_experiment(uri, cfg.mlflow.experiment_name)
-    parent = None
+    parent, varied = None, []
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        parent = tracking.parent_run_id(launch_dir / hydra_cfg.sweep.dir)
+        parent, varied = tracking.read_sweep(launch_dir / hydra_cfg.sweep.dir)
     tags = run_tags(cfg, choices, hydra_cfg.overrides.task)
     run_name = f"{cfg.model.name}-{cfg.mode.name}"
+    if set(varied) - {"model", "mode"}:  # seeds, lrs, Optuna trials: Hydra's job number tells them apart
+        run_name += f" #{hydra_cfg.job.num}"
     with tracking.tracked_run(uri, experiment_id, run_name, tags, parent):
         import mlflow
 
