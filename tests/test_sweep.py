@@ -18,6 +18,13 @@ def sweep(cwd, tiny_folder, *extra, workers=0):
     )
 
 
+def optuna_search(cwd, tiny_folder, *extra):
+    """A 2-trial search=optuna on the tiny folder; batch_size is left to the search."""
+    fast = [o for o in FAST if not o.startswith("batch_size=")]
+    data = [f"data.root={tiny_folder}", "data=imagefolder"]
+    return run_cli(cwd, "-m", "search=optuna", "hydra.sweeper.n_trials=2", *data, *fast, *extra)
+
+
 def parent_and_children(cwd):
     runs = store_runs(cwd / "outputs" / "mlflow.db")
     (parent,) = [r for r in runs if r.data.tags.get("visiontune.sweep") == "parent"]
@@ -95,9 +102,7 @@ def test_swept_keys_are_the_ones_with_several_values():
 
 
 def test_optuna_search_maximises_best_val_acc_with_each_trial_a_child(tmp_path, tiny_folder):
-    fast = [o for o in FAST if not o.startswith(("batch_size=", "num_workers="))]
-    args = ["-m", "search=optuna", "hydra.sweeper.n_trials=2", f"data.root={tiny_folder}", "data=imagefolder"]
-    result = run_cli(tmp_path, *args, "model=squeezenet", "mode=scratch", "num_workers=0", *fast)
+    result = optuna_search(tmp_path, tiny_folder, "model=squeezenet", "mode=scratch")
     assert result.returncode == 0, result.stderr[-3000:]
 
     parent, children = parent_and_children(tmp_path)
@@ -120,9 +125,7 @@ def test_optuna_search_maximises_best_val_acc_with_each_trial_a_child(tmp_path, 
 
 
 def test_optuna_search_where_every_trial_fails_ends_its_parent_failed(tmp_path, tiny_folder):
-    fast = [o for o in FAST if not o.startswith("batch_size=")]
-    args = ["-m", "search=optuna", "hydra.sweeper.n_trials=2", f"data.root={tiny_folder}", "data=imagefolder"]
-    result = run_cli(tmp_path, *args, "mode=feature_extract", "model.weights=/missing.pth", *fast)
+    result = optuna_search(tmp_path, tiny_folder, "mode=feature_extract", "model.weights=/missing.pth")
     assert result.returncode == 1
     assert "no such file" in result.stderr  # each job's own error
 
