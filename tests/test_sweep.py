@@ -181,3 +181,14 @@ def test_sweep_on_an_unusable_store_stops_before_any_job(tmp_path, tiny_folder):
     assert "error: cannot use the MLflow store mlflow.tracking_uri=foo://bar" in result.stderr
     assert "Launching" not in result.stdout + result.stderr, "no job may run without its parent"
     assert "Traceback" not in result.stderr
+
+
+def test_a_summary_that_cannot_be_written_fails_the_parent_with_one_message(tmp_path, tiny_folder):
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "mlartifacts").write_text("a file where the artifact folder belongs")
+    result = sweep(tmp_path, tiny_folder, "model=squeezenet", "mode=scratch")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the sweep's summary could not be written" in errors[0], errors
+    parent, _ = parent_and_children(tmp_path)
+    assert parent.info.status == "FAILED" and "summary could not be written" in parent.data.tags["error"]

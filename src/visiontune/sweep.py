@@ -86,8 +86,8 @@ class MlflowSweep(Callback):
         try:
             failed, total = self._summarise()
         except Exception as err:
-            self._end_abandoned(f"its summary failed: {_message(err)}")
-            _fail(f"cannot write the sweep's summary on its MLflow parent run: {_message(err)}")
+            self._end_abandoned(f"the sweep's summary could not be written ({_message(err)})")
+            raise SystemExit(1) from None
         if failed:
             # print, not log: after the jobs, logging is configured by whichever job ran last.
             _fail(f"{len(failed)} of {total} jobs failed: {', '.join(failed)}")
