@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 from pathlib import Path
 
@@ -104,6 +105,39 @@ def test_truncated_image_fails_at_decode_with_its_name(tmp_path):
     with pytest.raises(VisiontuneError, match=path.name):
         dataset[0]
     assert data.ImageFiles([(str(path), 0)], data.transforms(32)["val"], skip_bad=True)[0] is None
+
+
+def test_hidden_files_and_folders_are_not_samples(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": 1, "val": 1})
+    ants = root / "train" / "ants"
+    (ants / "2019" / ".ipynb_checkpoints").mkdir(parents=True)
+    (ants / ".ipynb_checkpoints").mkdir()
+    shutil.copy(next(ants.glob("*.jpg")), ants / ".ipynb_checkpoints" / "x.jpg")
+    shutil.copy(next(ants.glob("*.jpg")), ants / "2019" / ".ipynb_checkpoints" / "z.jpg")
+    shutil.copy(next(ants.glob("*.jpg")), ants / "2019" / "kept.jpg")
+    (ants / "._y.jpg").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble resource fork")
+    (ants / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    _, samples = data.find_samples(root)
+    names = sorted(Path(path).relative_to(ants).as_posix() for path, label in samples["train"] if label == 0)
+    assert names == ["2019/kept.jpg", "ants_0.jpg"]
+
+
+def test_class_without_train_images_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": 1, "val": 1})
+    for image in (root / "train" / "bees").glob("*.jpg"):
+        image.unlink()
+    with pytest.raises(VisiontuneError, match=r"\['bees'\] in .*train have no readable images"):
+        data.check_folder(root, skip_bad=False)
+
+
+def test_class_without_val_images_trains_with_a_warning(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "d", {"train": 1, "val": 1})
+    for image in (root / "val" / "bees").glob("*.jpg"):
+        image.unlink()
+    with caplog.at_level(logging.WARNING, logger="visiontune.data"):
+        checked = data.check_folder(root, skip_bad=False)
+    assert checked.classes == ["ants", "bees"] and len(checked.samples["train"]) == 2
+    assert "'bees' trains but is never validated" in caplog.text
 
 
 @pytest.mark.skipif(

@@ -8,6 +8,7 @@ import multiprocessing
 import shutil
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -85,6 +86,28 @@ def tree_digest(root: Path) -> str:
 # --- checking it ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CheckedData:
+    """A folder that passed the checks: its classes and the readable samples of each split."""
+
+    root: Path
+    classes: list[str]
+    samples: dict[str, list[Sample]]
+    skipped: int  # unreadable images left out up front (with skip_bad)
+
+
+def check_folder(root: Path, skip_bad: bool) -> CheckedData:
+    """The layout checked, each image's header read once, and every class left with images."""
+    classes, samples = find_samples(root)
+    skipped = 0
+    for split in SPLITS:
+        samples[split], bad = drop_unreadable(samples[split], skip_bad)
+        skipped += bad
+    # After dropping: a class whose every image was unreadable is as empty as an empty folder.
+    _check_class_counts(root, classes, samples)
+    return CheckedData(root, classes, samples, skipped)
+
+
 def find_samples(root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
     """Class names and (path, label) samples of each split, after checking the layout."""
     split_classes = {split: _class_folders(root, split) for split in SPLITS}
@@ -101,8 +124,7 @@ def find_samples(root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
         samples[split] = [
             (str(path), label)
             for label, name in enumerate(classes)
-            for path in sorted((root / split / name).rglob("*"))
-            if path.suffix.lower() in IMG_EXTENSIONS and path.is_file()
+            for path in _image_files(root / split / name)
         ]
         if not samples[split]:
             raise VisiontuneError(
@@ -123,6 +145,41 @@ def _class_folders(root: Path, split: str) -> list[str]:
     if not classes:
         raise VisiontuneError(f"{folder} has no class folders: put each class's images in {folder}/<class>/")
     return classes
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files at any depth below folder, except hidden ones and those in hidden folders.
+
+    Tools leave look-alike files there: Jupyter's .ipynb_checkpoints/ copies, macOS's ._name.jpg
+    resource forks (which no decoder reads). Neither is a sample.
+    """
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMG_EXTENSIONS
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.is_file()
+    )
+
+
+def _check_class_counts(root: Path, classes: list[str], samples: dict[str, list[Sample]]) -> None:
+    """Refuse a class with no training images; warn about one that cannot be validated."""
+    empty = {split: _classes_without_samples(classes, samples[split]) for split in SPLITS}
+    if empty["train"]:
+        raise VisiontuneError(
+            f"class folder(s) {empty['train']} in {root / 'train'} have no readable images: a class "
+            f"needs training images. Add images there, or remove the folder from train/ and val/."
+        )
+    if not samples["val"]:
+        raise VisiontuneError(f"{root / 'val'} has no readable images: put some in its class folders.")
+    for name in empty["val"]:
+        folder = root / "val" / name
+        log.warning("%s has no readable images: class %r trains but is never validated", folder, name)
+
+
+def _classes_without_samples(classes: list[str], samples: list[Sample]) -> list[str]:
+    labels = {label for _, label in samples}
+    return [name for label, name in enumerate(classes) if label not in labels]
 
 
 def drop_unreadable(samples: list[Sample], skip: bool) -> tuple[list[Sample], int]:
