@@ -5,10 +5,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import SHARED_DATA, compose_cfg, make_image_folder
 from visiontune import VisiontuneError, data
@@ -105,6 +109,59 @@ def test_truncated_image_fails_at_decode_with_its_name(tmp_path):
     with pytest.raises(VisiontuneError, match=path.name):
         dataset[0]
     assert data.ImageFiles([(str(path), 0)], data.transforms(32)["val"], skip_bad=True)[0] is None
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A decompression bomb's header: a PNG that claims width x height but holds a few bytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey, no interlace
+    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
+    return path
+
+
+def _as_decoded(path: Path) -> torch.Tensor:
+    """The uint8 tensor ImageFiles hands the transforms, before any resizing."""
+    return data.ImageFiles([(str(path), 0)], transform=lambda pixels: pixels)[0][0]
+
+
+def test_decompression_bomb_is_named_with_its_fix_or_skipped(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": 2, "val": 1})
+    bomb = _png_claiming(root / "train" / "ants" / "bomb.png", 20000, 20000)
+    pillow_global = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(
+        VisiontuneError, match=r"bomb.png claims 400,000,000 pixels.*178,956,970.*max_image_pixels="
+    ):
+        data.check_folder(root, skip_bad=False)
+    checked = data.check_folder(root, skip_bad=True)
+    assert checked.skipped == 1 and str(bomb) not in dict(checked.samples["train"])
+    # A user who trusts the file raises the limit; the header check then lets it through.
+    assert data.check_folder(root, skip_bad=False, max_image_pixels=400_000_000).skipped == 0
+    # At decode time too (the file may have changed since the check): named, or skipped.
+    with pytest.raises(VisiontuneError, match="bomb.png claims"):
+        data.ImageFiles([(str(bomb), 0)], data.transforms(32)["val"])[0]
+    assert data.ImageFiles([(str(bomb), 0)], data.transforms(32)["val"], skip_bad=True)[0] is None
+    assert pillow_global == Image.MAX_IMAGE_PIXELS  # the process-wide default is left alone
+
+
+def test_16_bit_grey_keeps_its_brightness(tmp_path):
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((20, 24), 32768, dtype=np.uint16)).save(path)
+    assert Image.open(path).mode in ("I;16", "I")
+    pixels = _as_decoded(path)
+    assert pixels.shape == (3, 20, 24) and pixels.dtype == torch.uint8
+    assert pixels.min() >= 127 and pixels.max() <= 129  # mid-grey, not clipped to white
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; rotate 90 degrees to view
+    Image.new("RGB", (40, 20), "red").save(path, exif=exif)
+    assert _as_decoded(path).shape == (3, 40, 20)  # upright: 20 wide, 40 tall
 
 
 def test_hidden_files_and_folders_are_not_samples(tmp_path):

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import multiprocessing
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
@@ -96,12 +99,12 @@ class CheckedData:
     skipped: int  # unreadable images left out up front (with skip_bad)
 
 
-def check_folder(root: Path, skip_bad: bool) -> CheckedData:
+def check_folder(root: Path, skip_bad: bool, max_image_pixels: int | None = None) -> CheckedData:
     """The layout checked, each image's header read once, and every class left with images."""
     classes, samples = find_samples(root)
     skipped = 0
     for split in SPLITS:
-        samples[split], bad = drop_unreadable(samples[split], skip_bad)
+        samples[split], bad = drop_unreadable(samples[split], skip_bad, max_image_pixels)
         skipped += bad
     # After dropping: a class whose every image was unreadable is as empty as an empty folder.
     _check_class_counts(root, classes, samples)
@@ -182,41 +185,119 @@ def _classes_without_samples(classes: list[str], samples: list[Sample]) -> list[
     return [name for label, name in enumerate(classes) if label not in labels]
 
 
-def drop_unreadable(samples: list[Sample], skip: bool) -> tuple[list[Sample], int]:
+def drop_unreadable(
+    samples: list[Sample], skip: bool, max_image_pixels: int | None = None
+) -> tuple[list[Sample], int]:
     """Check each image's header once; fail on the first bad file, or leave bad ones out."""
     good, bad = [], []
     for sample in samples:
-        (good if _header_ok(sample[0]) else bad).append(sample)
+        if (problem := _header_problem(sample[0], max_image_pixels)) is None:
+            good.append(sample)
+        else:
+            bad.append((sample[0], problem))
     if bad and not skip:
+        # A too-large image has its own fix (raise the limit), so it gets its own message.
+        for _, problem in bad:
+            if isinstance(problem, TooManyPixels):
+                raise problem
         names = ", ".join(path for path, _ in bad[:3])
         raise VisiontuneError(
             f"{len(bad)} image file(s) cannot be read, e.g. {names}. Remove or replace them, or "
             f"pass data.skip_bad_images=true to train without them."
         )
-    for path, _ in bad:
-        log.warning("skipping unreadable image %s", path)
+    for path, problem in bad:
+        log.warning("skipping unreadable image %s (%s)", path, problem)
     return good, len(bad)
 
 
-def _header_ok(path: str) -> bool:
+def _header_problem(path: str, max_image_pixels: int | None) -> Exception | None:
+    """Why the image at path cannot be used, as far as its header tells; None if it can."""
     try:
-        with Image.open(path) as image:
-            image.size  # noqa: B018 - parsing the header is the check
-        return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return False
+        with _pixel_limit(max_image_pixels) as limit, Image.open(path) as image:
+            _check_pixels(path, image, limit)
+    except (TooManyPixels, UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return err
+    return None
 
 
 # --- decoding and batching -------------------------------------------------------------------
 
 
-class ImageFiles(Dataset):
-    """(uint8 image tensor, label) pairs decoded with PIL from a list of files."""
+class TooManyPixels(VisiontuneError):
+    """An image whose header claims more pixels than allowed: possibly a decompression bomb."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, skip_bad: bool = False):
+
+# Pillow's guard against decompression bombs reads a process-wide global. Each decode turns it
+# off and applies the limit it was handed instead, so the limit travels with the dataset into
+# DataLoader workers whatever their start method, and the caller's global is left as it was.
+# The lock keeps two threads from restoring each other's value.
+_PILLOW_GLOBAL = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pixel_limit(max_image_pixels: int | None) -> Iterator[int | None]:
+    """The limit to check, while Pillow's own check is off; None: Pillow's own limit."""
+    with _PILLOW_GLOBAL:
+        pillow_max = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        # Pillow warns above its global and refuses above twice that: null keeps its refusal.
+        pillow_limit = None if pillow_max is None else 2 * pillow_max
+        try:
+            yield pillow_limit if max_image_pixels is None else max_image_pixels
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_max
+
+
+def _check_pixels(path: str, image: Image.Image, limit: int | None) -> None:
+    pixels = image.width * image.height
+    if limit is not None and pixels > limit:
+        raise TooManyPixels(
+            f"image {path} claims {pixels:,} pixels, over the limit of {limit:,} that guards against "
+            f"decompression bombs. If you trust the file, raise the limit (data.max_image_pixels={pixels}), "
+            f"or pass data.skip_bad_images=true to leave such files out."
+        )
+
+
+# PIL decodes (libjpeg-turbo in Pillow's wheels); the rest runs on uint8 tensors, whose
+# antialiased resize in torch is vectorised.
+_to_uint8 = v2.PILToTensor()
+
+
+def decode(path: str, max_image_pixels: int | None = None) -> torch.Tensor:
+    """The image at path as an upright uint8 RGB tensor (3, height, width)."""
+    with _pixel_limit(max_image_pixels) as limit, Image.open(path) as image:
+        _check_pixels(path, image, limit)
+        # Phones store photos sideways and record the turn in EXIF.
+        ImageOps.exif_transpose(image, in_place=True)
+        return _to_uint8(_to_rgb(image))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit greys are scaled down, where convert("RGB") clips them at 255."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float32)
+        low, high = 0.0, 65535.0
+        if values.min() < low or values.max() > high:  # 32-bit data, not from a 16-bit file
+            low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / max(high - low, 1.0))
+        image = Image.fromarray(scaled.round().astype(np.uint8))
+    return image.convert("RGB")
+
+
+class ImageFiles(Dataset):
+    """(uint8 image tensor, label) pairs decoded from a list of files; None for a skipped file."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable,
+        skip_bad: bool = False,
+        max_image_pixels: int | None = None,
+    ):
         self.samples = list(samples)
         self.transform = transform
         self.skip_bad = skip_bad
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -224,23 +305,20 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            with Image.open(path) as image:
-                pixels = _to_uint8(image.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as err:
-            # A header that parsed but data that does not decode (a truncated file, say).
+            pixels = decode(path, self.max_image_pixels)
+        except (TooManyPixels, OSError, SyntaxError, ValueError) as err:
+            # A header that passed the up-front check can still hide data that does not decode
+            # (a truncated file), and files can change between the check and the decode.
             if self.skip_bad:
                 log.warning("skipping image that does not decode: %s (%s)", path, err)
                 return None
+            if isinstance(err, TooManyPixels):
+                raise
             raise VisiontuneError(
                 f"image {path} does not decode ({err}). Replace it, or pass "
                 f"data.skip_bad_images=true to leave such files out."
             ) from err
         return self.transform(pixels), label
-
-
-# PIL decodes (libjpeg-turbo in Pillow's wheels); the rest runs on uint8 tensors, whose
-# antialiased resize in torch is vectorised.
-_to_uint8 = v2.PILToTensor()
 
 
 def transforms(input_size: int) -> dict[str, v2.Compose]:
