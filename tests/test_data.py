@@ -37,7 +37,9 @@ def test_transforms_give_the_model_input_size(tiny_folder, split):
 
 def test_loaders_batch_real_images(tiny_folder):
     _, samples = data.find_samples(tiny_folder)
-    loaders = data.build_loaders(samples, 64, 5, 0, 0, False, False)
+    loaders = data.build_loaders(
+        samples, data.LoaderSettings(input_size=64, batch_size=5, num_workers=0, seed=0)
+    )
     images, labels = next(iter(loaders["train"]))
     assert images.shape == (5, 3, 64, 64) and labels.shape == (5,)
     assert sum(len(b[1]) for b in loaders["val"]) == 8
@@ -53,7 +55,7 @@ def test_normalizer_matches_torchvision_normalize():
 
 def test_replay_loader_decodes_once(tiny_folder):
     _, samples = data.find_samples(tiny_folder)
-    loader = data.ReplayLoader(data.build_loaders(samples, 32, 3, 0, 0, False, False)["val"])
+    loader = data.ReplayLoader(data.build_loaders(samples, data.LoaderSettings(32, 3, 0, 0))["val"])
     first = list(loader)
     # Later passes replay the same tensors without touching the files.
     loader.loader = None
@@ -111,6 +113,16 @@ def test_truncated_image_fails_at_decode_with_its_name(tmp_path):
     assert data.ImageFiles([(str(path), 0)], data.transforms(32)["val"], skip_bad=True)[0] is None
 
 
+def _truncated_jpeg(path: Path) -> Path:
+    """A real JPEG cut just after its header: it opens, but its pixels do not decode."""
+    pixels = np.random.default_rng(1).integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: whole.index(b"\xff\xda") + 20])  # up to the start of the scan
+    assert data.drop_unreadable([(str(path), 0)], skip=False) == ([(str(path), 0)], 0)
+    return path
+
+
 def _png_claiming(path: Path, width: int, height: int) -> Path:
     """A decompression bomb's header: a PNG that claims width x height but holds a few bytes."""
 
@@ -145,6 +157,39 @@ def test_decompression_bomb_is_named_with_its_fix_or_skipped(tmp_path):
         data.ImageFiles([(str(bomb), 0)], data.transforms(32)["val"])[0]
     assert data.ImageFiles([(str(bomb), 0)], data.transforms(32)["val"], skip_bad=True)[0] is None
     assert pillow_global == Image.MAX_IMAGE_PIXELS  # the process-wide default is left alone
+
+
+def test_max_image_pixels_holds_in_worker_processes(tiny_folder):
+    _, samples = data.find_samples(tiny_folder)  # 48 x 40 = 1,920 pixels each
+    settings = data.LoaderSettings(32, 4, num_workers=1, seed=0, skip_bad=True, max_image_pixels=1000)
+    loader = data.build_loaders(samples, settings)["train"]
+    for _ in range(2):  # the second pass reuses the persistent worker
+        assert list(loader) == [] and loader.skipped == len(samples["train"])
+    with pytest.raises(VisiontuneError, match=r"1,920 pixels, over the limit of 1,000"):
+        data.drop_unreadable(samples["train"], skip=False, max_image_pixels=1000)
+
+
+def test_batches_left_empty_are_skipped(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": 1, "val": 1})
+    _truncated_jpeg(root / "train" / "ants" / "cut.jpg")
+    _truncated_jpeg(root / "val" / "bees" / "cut.jpg")
+    checked = data.check_folder(root, skip_bad=True)
+    assert checked.skipped == 0  # their headers pass: they fail only when decoded
+    loaders = data.build_loaders(checked.samples, data.LoaderSettings(32, 1, 0, 0, skip_bad=True))
+    for split, loader in loaders.items():
+        batches = list(loader)
+        assert [tuple(images.shape) for images, _ in batches] == [(1, 3, 32, 32)] * 2, split
+        assert loader.skipped == 1 and len(loader) == 3
+
+
+def test_skipped_images_are_counted_per_pass(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": 3, "val": 1})
+    _truncated_jpeg(root / "train" / "bees" / "cut.jpg")
+    _, samples = data.find_samples(root)
+    loader = data.build_loaders(samples, data.LoaderSettings(32, 4, 0, 0, skip_bad=True))["train"]
+    for _ in range(2):
+        assert sum(len(labels) for _, labels in loader) == 6
+        assert loader.skipped == 1
 
 
 def test_16_bit_grey_keeps_its_brightness(tmp_path):

@@ -353,7 +353,7 @@ class ReplayLoader:
     same images every epoch is work done once.
     """
 
-    def __init__(self, loader: DataLoader):
+    def __init__(self, loader: SkippingLoader):
         self.loader = loader
         self.batches: list | None = None
 
@@ -376,38 +376,72 @@ def replay_bytes(num_images: int, input_size: int) -> int:
     return num_images * 3 * input_size * input_size
 
 
-def _collate(batch):
-    return torch.utils.data.default_collate([item for item in batch if item is not None])
+def _collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """(images, labels, how many items were skipped); images and labels are None if all were."""
+    good = [item for item in batch if item is not None]
+    if not good:
+        return None, None, len(batch)
+    images, labels = torch.utils.data.default_collate(good)
+    return images, labels, len(batch) - len(good)
 
 
-def build_loaders(
-    samples: dict[str, list[Sample]],
-    input_size: int,
-    batch_size: int,
-    num_workers: int,
-    seed: int,
-    pin_memory: bool,
-    skip_bad: bool,
-) -> dict[str, DataLoader]:
+class SkippingLoader:
+    """A DataLoader's batches without the images that did not decode, and without empty batches.
+
+    Yields (images, labels). `skipped` counts the images left out during the latest pass: each
+    worker process has its own dataset, so the count travels with the batches.
+    """
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)  # an upper bound when batches are skipped
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.skipped = 0
+        for images, labels, skipped in self.loader:
+            self.skipped += skipped
+            if images is not None:
+                yield images, labels
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How the loaders decode and batch; the same for both splits."""
+
+    input_size: int
+    batch_size: int
+    num_workers: int
+    seed: int
+    pin_memory: bool = False
+    skip_bad: bool = False
+    max_image_pixels: int | None = None
+
+
+def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) -> dict[str, SkippingLoader]:
     """Shuffled train and ordered val loaders whose workers live for the whole run."""
-    tfms = transforms(input_size)
+    tfms = transforms(settings.input_size)
+    workers = settings.num_workers
     # Named explicitly: inside a joblib (loky) worker the process-wide default context is
     # loky's, whose processes DataLoader cannot start.
-    context = (
-        multiprocessing.get_context("fork" if sys.platform == "linux" else None) if num_workers else None
-    )
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else None) if workers else None
     loaders = {}
     for split in SPLITS:
-        loaders[split] = DataLoader(
-            ImageFiles(samples[split], tfms[split], skip_bad),
-            batch_size=batch_size,
-            shuffle=split == "train",
-            num_workers=num_workers,
-            # Workers start once, not once per epoch and phase as in the tutorial.
-            persistent_workers=num_workers > 0,
-            multiprocessing_context=context,
-            pin_memory=pin_memory,
-            collate_fn=_collate,
-            generator=torch.Generator().manual_seed(seed),
+        dataset = ImageFiles(samples[split], tfms[split], settings.skip_bad, settings.max_image_pixels)
+        loaders[split] = SkippingLoader(
+            DataLoader(
+                dataset,
+                batch_size=settings.batch_size,
+                shuffle=split == "train",
+                num_workers=workers,
+                # Workers start once, not once per epoch and phase as in the tutorial.
+                persistent_workers=workers > 0,
+                multiprocessing_context=context,
+                pin_memory=settings.pin_memory,
+                collate_fn=_collate,
+                generator=torch.Generator().manual_seed(settings.seed),
+            )
         )
     return loaders
