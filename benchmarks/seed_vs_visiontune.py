@@ -21,23 +21,31 @@ import sys
 import tempfile
 from pathlib import Path
 
+from visiontune import config
+
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO.parent / "shared" / "reference" / "seed_tutorial.py"
 DATA = REPO.parent / "shared" / "hymenoptera_data"
-ARCH = {
-    "resnet": "resnet18", "alexnet": "alexnet", "vgg": "vgg11_bn",
-    "squeezenet": "squeezenet1_0", "densenet": "densenet121", "inception": "inception_v3",
-}  # fmt: skip
 
 
-def standin_weights(arch: str, folder: Path) -> Path:
+def model_spec(name: str):
+    """The shipped spec of model=<name>, as visiontune-train composes it."""
+    from hydra import compose, initialize_config_module
+
+    from visiontune import config
+
+    with initialize_config_module(config_module="visiontune.conf", version_base="1.3"):
+        return config.model_spec(compose(config_name="train", overrides=[f"model={name}"]).model)
+
+
+def standin_weights(spec, folder: Path) -> Path:
     import torch
     from torchvision import models
 
     torch.manual_seed(0)
-    kwargs = {"init_weights": False} if arch == "inception_v3" else {}
-    path = folder / f"{arch}.pth"
-    torch.save(models.get_model(arch, weights=None, **kwargs).state_dict(), path)
+    path = folder / f"{spec.arch}.pth"
+    model = models.get_model(spec.arch, weights=None, **spec.pretrained_kwargs)
+    torch.save(model.state_dict(), path)
     return path
 
 
@@ -54,12 +62,18 @@ def run_seed(args, weights: Path) -> dict:
 def run_visiontune(args, weights: Path, workdir: Path) -> dict:
     from mlflow.tracking import MlflowClient
 
-    cmd = [
-        sys.executable, "-m", "visiontune.train", f"model={args.model}", f"mode={args.mode}",
-        f"data.root={args.data}", "data=imagefolder", f"epochs={args.epochs}", "batch_size=8",
-        f"num_workers={args.workers}", f"model.weights={weights}", "mlflow.log_model=false",
-        *args.extra,
-    ]  # fmt: skip
+    overrides = {
+        "model": args.model,
+        "mode": args.mode,
+        "data.root": args.data,
+        "data": "imagefolder",
+        "epochs": args.epochs,
+        "batch_size": 8,
+        "num_workers": args.workers,
+        "model.weights": weights,
+        "mlflow.log_model": "false",
+    }
+    cmd = [sys.executable, "-m", "visiontune.cli", *(f"{k}={v}" for k, v in overrides.items()), *args.extra]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, check=True)
     client = MlflowClient(f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}")
@@ -70,7 +84,7 @@ def run_visiontune(args, weights: Path, workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="squeezenet", choices=ARCH)
+    parser.add_argument("--model", default="squeezenet", choices=config.model_names())
     parser.add_argument(
         "--mode", default="feature_extract", choices=["finetune", "feature_extract", "scratch"]
     )
@@ -82,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = standin_weights(ARCH[args.model], Path(tmp))
+        weights = standin_weights(model_spec(args.model), Path(tmp))
         seed = run_seed(args, weights)
         ours = run_visiontune(args, weights, Path(tmp))
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real image folders, stand-in weight files, the real CLI, the real store."""
+"""What the tests share: the real config and model specs, tiny real image folders, stand-in weight
+files, the real CLI, the real store, the offline proxy."""
 
 from __future__ import annotations
 
@@ -13,29 +14,41 @@ import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
 
+from visiontune import config
+
 # No test reaches the network: MLflow's usage telemetry stays off in this process and the CLIs.
 NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 os.environ.update(NO_TELEMETRY)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "hymenoptera_data"
-ARCHS = {
-    "resnet": "resnet18",
-    "alexnet": "alexnet",
-    "vgg": "vgg11_bn",
-    "squeezenet": "squeezenet1_0",
-    "densenet": "densenet121",
-    "inception": "inception_v3",
-}
 MODES = ("finetune", "feature_extract", "scratch")
-# Small inputs keep CPU tests fast; inception trains its auxiliary head only at its full 299 px.
-TEST_INPUT_SIZE = {"inception": 299}
 
 
 def compose_cfg(*overrides: str):
     """The real config, composed through Hydra's compose API exactly as the CLI composes it."""
     with initialize_config_module(config_module="visiontune.conf", version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+# The architecture table the tests parametrize over: the shipped model YAMLs, read as specs.
+SPECS = {name: config.model_spec(compose_cfg(f"model={name}").model) for name in config.model_names()}
+ARCHS = list(SPECS)
+
+
+def input_size_for(model_name: str) -> int:
+    """Small inputs keep CPU tests fast, down to what the model accepts (inception: 299)."""
+    return max(64, SPECS[model_name].min_input_size)
+
+
+def offline_env(env: dict) -> dict:
+    """`env` with a closed localhost port as proxy: downloads fail at once, never leaving this machine."""
+    env = dict(env) | {
+        var: "http://127.0.0.1:9" for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
+    }
+    env.pop("no_proxy", None)
+    env.pop("NO_PROXY", None)
+    return env
 
 
 def make_image_folder(root: Path, per_class: dict[str, int], classes=("ants", "bees"), size=(48, 40)) -> Path:
@@ -65,12 +78,12 @@ def standin_weights(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("weights")
     cache: dict[str, Path] = {}
+    builder_kwargs = {spec.arch: spec.pretrained_kwargs for spec in SPECS.values()}
 
     def path_for(arch: str) -> Path:
         if arch not in cache:
-            kwargs = {"init_weights": False} if arch == "inception_v3" else {}
             torch.manual_seed(1)
-            model = models.get_model(arch, weights=None, **kwargs)
+            model = models.get_model(arch, weights=None, **builder_kwargs.get(arch, {}))
             cache[arch] = folder / f"{arch}.pth"
             torch.save(model.state_dict(), cache[arch])
         return cache[arch]
@@ -85,7 +98,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def run_cli(cwd: Path, *args: str, module: str = "visiontune.train", env=None, timeout=600):
+def run_cli(cwd: Path, *args: str, module: str = "visiontune.cli", env=None, timeout=600):
     """Run a visiontune command as a user would, in `cwd`; returns the CompletedProcess."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -111,10 +124,8 @@ def tiny_sweep(tmp_path_factory, tiny_folder):
 
     cwd = tmp_path_factory.mktemp("sweep-launch")
     fast = [o for o in FAST if not o.startswith("epochs=")]
-    result = run_cli(
-        cwd, "-m", "model=squeezenet,resnet", "mode=scratch", "data=imagefolder", f"data.root={tiny_folder}",
-        *fast, "epochs=2",
-    )  # fmt: skip
+    data = ["data=imagefolder", f"data.root={tiny_folder}"]
+    result = run_cli(cwd, "-m", "model=squeezenet,resnet", "mode=scratch", *data, *fast, "epochs=2")
     assert result.returncode == 0, result.stderr[-3000:]
     store = cwd / "outputs" / "mlflow.db"
     runs = store_runs(store)
@@ -162,7 +173,7 @@ def interrupt_once_training(cwd: Path, *args: str) -> tuple[int, str]:
     import time
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "visiontune.train", *args],
+        [sys.executable, "-m", "visiontune.cli", *args],
         cwd=cwd,
         env=cli_env(cwd),
         stdout=subprocess.PIPE,
@@ -180,3 +191,36 @@ def interrupt_once_training(cwd: Path, *args: str) -> tuple[int, str]:
         process.kill()
         leftover = process.communicate()
     return process.returncode, stderr if process.returncode is not None else leftover[1]
+
+
+def prepare_model(model_name: str, mode: str, standin_weights=None, num_classes: int = 2, *overrides: str):
+    """models.prepare for a shipped model and mode, pretrained modes from stand-in weights."""
+    import torch
+
+    from visiontune import models
+
+    cfg = compose_cfg(f"model={model_name}", f"mode={mode}", *overrides)
+    spec, parsed = config.model_spec(cfg.model), config.mode_of(cfg.mode)
+    weights = None
+    if parsed.pretrained:
+        weights = models.Weights(spec.arch, str(standin_weights(spec.arch)), from_torchvision=False)
+    torch.manual_seed(0)
+    return models.prepare(spec, parsed, num_classes, weights)
+
+
+def cpu_training(prepared, optimizer, epochs: int = 1, runtime=None, scheduler=None):
+    """engine.Training on the CPU in float32, inputs taken as they are (no normalisation)."""
+    import torch
+
+    from visiontune import engine
+
+    runtime = runtime or engine.Runtime(torch.device("cpu"), normalize=torch.nn.Identity())
+    return engine.Training(
+        model=prepared,
+        criterion=torch.nn.CrossEntropyLoss(),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        runtime=runtime,
+        epochs=epochs,
+    )

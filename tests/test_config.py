@@ -1,22 +1,50 @@
-"""Every model x mode x optimizer x scheduler composes into a config the code can use."""
+"""Every model x mode x optimizer x scheduler composes into typed values the code can use."""
 
 import pytest
 from hydra.utils import instantiate
 
 from conftest import ARCHS, MODES, compose_cfg
+from visiontune import VisiontuneError, config
+
+
+def test_the_six_tutorial_architectures_ship():
+    assert set(ARCHS) == {"resnet", "alexnet", "vgg", "squeezenet", "densenet", "inception"}
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("model", ARCHS)
-def test_every_model_and_mode_composes(model, mode):
+def test_every_model_and_mode_composes_into_a_spec(model, mode):
     cfg = compose_cfg(f"model={model}", f"mode={mode}")
-    assert cfg.model.name == model
-    assert cfg.model.arch == ARCHS[model]
-    assert cfg.model.input_size == (299 if model == "inception" else 224)
-    assert cfg.model.heads, "every model names at least one head"
-    assert cfg.mode.name == mode
-    assert cfg.mode.pretrained == (mode != "scratch")
-    assert cfg.mode.train_backbone == (mode != "feature_extract")
+    spec = config.model_spec(cfg.model)
+    assert spec.name == model
+    assert spec.input_size == (299 if model == "inception" else 224)
+    assert (spec.aux_head is not None) == (model == "inception")
+    assert spec.aux_loss_weight == (0.4 if model == "inception" else 0.0)  # the tutorial's weight
+    parsed = config.mode_of(cfg.mode)
+    assert parsed.pretrained == (mode != "scratch")
+    assert parsed.train_backbone == (mode != "feature_extract")
+    config.check_values(cfg)
+
+
+def test_an_aux_loss_weight_needs_an_aux_head():
+    with pytest.raises(VisiontuneError, match="resnet has no auxiliary head"):
+        config.model_spec(compose_cfg("model=resnet", "+model.aux_loss_weight=0.3").model)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("epochs=0", "epochs=0 must be a positive number"),
+        ("optimizer.lr=-1", "optimizer.lr=-1 must be a positive number"),
+        ("precision=fp8", "precision=fp8 must be one of off, bf16, fp16"),
+        ("model.input_size=64", "model.input_size=64 is too small for inception"),
+        ("model.weights=null", "model.weights is null"),
+    ],
+)
+def test_values_no_training_can_use_are_refused(override, message):
+    cfg = compose_cfg("model=inception", "mode=finetune", override)
+    with pytest.raises(VisiontuneError, match=message):
+        config.check_values(cfg)
 
 
 def test_default_is_the_tutorials_experiment():
@@ -26,11 +54,6 @@ def test_default_is_the_tutorials_experiment():
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert (cfg.optimizer.lr, cfg.optimizer.momentum) == (0.001, 0.9)
     assert cfg.mode.freeze_norm_stats is True
-
-
-def test_only_inception_has_an_auxiliary_loss():
-    weights = {m: compose_cfg(f"model={m}").model.aux_loss_weight for m in ARCHS}
-    assert weights == {m: (0.4 if m == "inception" else 0.0) for m in ARCHS}
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])

@@ -1,4 +1,4 @@
-"""The epoch functions: device-side tallies, and the frozen-trunk shortcut in evaluation."""
+"""The epoch functions: device-side tallies, and the backbone cache in evaluation."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ARCHS, TEST_INPUT_SIZE, compose_cfg
-from visiontune import engine, models
+from conftest import ARCHS, SPECS, cpu_training, input_size_for, prepare_model
+from visiontune import engine
 
 CPU = engine.Runtime(torch.device("cpu"), normalize=nn.Identity())
 
 
 def val_batches(model_name: str, n_batches: int = 3):
-    size = TEST_INPUT_SIZE.get(model_name, 64)
+    size = input_size_for(model_name)
     generator = torch.Generator().manual_seed(1)
     return [
         (torch.randn(2, 3, size, size, generator=generator), torch.tensor([0, 1])) for _ in range(n_batches)
@@ -21,39 +21,36 @@ def val_batches(model_name: str, n_batches: int = 3):
 
 
 @pytest.mark.parametrize("model_name", ARCHS)
-def test_frozen_trunk_evaluates_exactly_like_the_full_model_and_runs_it_once(model_name):
-    cfg = compose_cfg(f"model={model_name}", "mode=feature_extract")
-    torch.manual_seed(0)
-    model = models.build_model(cfg.model.arch, cfg.model.heads, 2, None, {}, cfg.model.scratch_kwargs)
-    models.freeze_backbone(model, cfg.model.heads, True)
+def test_backbone_cache_evaluates_exactly_like_the_full_model_and_runs_it_once(model_name, standin_weights):
+    model = prepare_model(model_name, "feature_extract", standin_weights).module
+    head = SPECS[model_name].head
     batches = val_batches(model_name)
     criterion = nn.CrossEntropyLoss()
     full = engine.evaluate(model, batches, criterion, CPU)
 
-    trunk = engine.FrozenTrunk(model, cfg.model.heads[0], max_bytes=2**30)
+    cache = engine.BackboneCache(model, head, max_bytes=2**30)
     first_layer = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     calls = []
     first_layer.register_forward_hook(lambda *_: calls.append(1))
-    first = engine.evaluate(model, batches, criterion, CPU, trunk=trunk)
+    first = engine.evaluate(model, batches, criterion, CPU, cache=cache)
     assert len(calls) == len(batches)
     # The head trains between epochs: the cached path must see the new head.
     with torch.no_grad():
-        for p in model.get_submodule(cfg.model.heads[0]).parameters():
+        for p in model.get_submodule(head).parameters():
             p.add_(0.05)
     changed_full = engine.evaluate(model, batches, criterion, CPU)
     calls.clear()
-    second = engine.evaluate(model, batches, criterion, CPU, trunk=trunk)
+    second = engine.evaluate(model, batches, criterion, CPU, cache=cache)
     assert calls == [], "the backbone does not run again"
     assert (first.loss, first.acc) == (full.loss, full.acc)
     assert (second.loss, second.acc) == (changed_full.loss, changed_full.acc)
 
 
-def test_frozen_trunk_stops_caching_past_its_budget():
-    model = models.build_model("resnet18", ["fc"], 2, None)
-    models.freeze_backbone(model, ["fc"], True)
-    trunk = engine.FrozenTrunk(model, "fc", max_bytes=2 * 512 * 4)  # room for one batch of two
-    engine.evaluate(model, val_batches("resnet"), nn.CrossEntropyLoss(), CPU, trunk=trunk)
-    assert trunk.cached is None
+def test_backbone_cache_stops_caching_past_its_budget(standin_weights):
+    model = prepare_model("resnet", "feature_extract", standin_weights).module
+    cache = engine.BackboneCache(model, "fc", max_bytes=2 * 512 * 4)  # room for one batch of two
+    engine.evaluate(model, val_batches("resnet"), nn.CrossEntropyLoss(), CPU, cache=cache)
+    assert cache.cached is None
 
 
 def test_tallies_average_over_images_not_batches():
@@ -68,24 +65,26 @@ def test_tallies_average_over_images_not_batches():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_bf16_autocast_and_channels_last_train_on_cpu(channels_last):
-    torch.manual_seed(0)
-    model = models.build_model("resnet18", ["fc"], 2, None).to(
+    prepared = prepare_model("resnet", "scratch")
+    model = prepared.module.to(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format
     )
     runtime = engine.Runtime(torch.device("cpu"), nn.Identity(), torch.bfloat16, channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     before = model.fc.weight.clone()
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    result = engine.train_one_epoch(
-        model, val_batches("resnet"), nn.CrossEntropyLoss(), optimizer, runtime, scaler
-    )
+    training = cpu_training(prepared, optimizer, runtime=runtime)
+    result = engine.train_one_epoch(training, val_batches("resnet"))
     assert torch.isfinite(torch.tensor(result.loss)) and not torch.equal(before, model.fc.weight)
     assert model.fc.weight.dtype == torch.float32, "autocast keeps the weights in float32"
 
 
 def test_fit_restores_the_best_epochs_weights_and_reports_each_epoch():
+    from visiontune import config, models
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    spec = config.ModelSpec(name="tiny", arch="-", head="1", input_size=2)
+    prepared = models.PreparedModel(model, spec, None, (), cache_backbone=False)
     images = torch.randn(8, 3, 2, 2)
     loaders = {"train": [(images, torch.tensor([0, 1] * 4))], "val": [(images, torch.tensor([0, 1] * 4))]}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -96,10 +95,8 @@ def test_fit_restores_the_best_epochs_weights_and_reports_each_epoch():
         snapshots[report.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
 
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    result = engine.fit(
-        model, loaders, nn.CrossEntropyLoss(), optimizer, scheduler, CPU, scaler, 4, on_epoch=on_epoch
-    )
+    training = cpu_training(prepared, optimizer, epochs=4, scheduler=scheduler)
+    result = engine.fit(training, loaders, on_epoch=on_epoch)
     assert [r.epoch for r in reports] == [1, 2, 3, 4]
     assert [r.lr for r in reports] == [0.5, 0.25, 0.125, 0.0625], "the lr each epoch trained with"
     assert result.val_curve == [r.val.acc for r in reports]

@@ -105,10 +105,9 @@ def ui(sweep, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("mlflow-ui") / "visiontune-ui.log"
     with open(log_path, "w") as log:
         # Its own session, so teardown can stop uvicorn and any helper it spawned in one signal.
-        server = subprocess.Popen(
-            [sys.executable, "-m", "visiontune.ui", "--port", str(port)],
-            cwd=launch_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        command = [sys.executable, "-m", "visiontune.ui", "--port", str(port)]
+        output = {"stdout": log, "stderr": subprocess.STDOUT}
+        server = subprocess.Popen(command, cwd=launch_dir, env=env, **output, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

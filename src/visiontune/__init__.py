@@ -7,6 +7,10 @@ class VisiontuneError(Exception):
     """A problem with the user's input: the message says what is wrong and how to fix it."""
 
 
+# Another library's error quoted inside our own message: enough to name the cause, never a wall.
+CAUSE_LIMIT = 500
+
+
 def user_message(err: BaseException) -> str:
     """The error's own text, without the traceback a DataLoader worker wraps around it."""
     text = str(err) or type(err).__name__

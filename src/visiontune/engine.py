@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +12,7 @@ import torch.fx
 from torch import nn
 from tqdm import tqdm
 
-from visiontune.models import set_train_mode
+from visiontune.models import PreparedModel
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,19 @@ class PhaseResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Training:
+    """What fit needs to train: the prepared model, its loss, optimiser and schedule, where, how long."""
+
+    model: PreparedModel
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler
+    runtime: Runtime
+    epochs: int
+
+
 class _Tally:
     """Loss and accuracy summed on the device; read back once per phase, not once per batch."""
 
@@ -60,36 +73,34 @@ class _Tally:
         return PhaseResult(self.loss.item() / count, self.correct.item() / count, seconds)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    runtime: Runtime,
-    scaler: torch.amp.GradScaler,
-    aux_loss_weight: float = 0.0,
-    frozen_norms: Sequence[nn.Module] = (),
-    desc: str = "train",
-) -> PhaseResult:
-    """One optimisation pass. With aux_loss_weight > 0 the model returns (logits, aux_logits)."""
+def train_one_epoch(training: Training, loader, desc: str = "train") -> PhaseResult:
+    """One optimisation pass over `loader`."""
+    model, runtime = training.model, training.runtime
     start = _clock(runtime.device)
-    set_train_mode(model, frozen_norms)
+    model.train_mode()
     tally = _Tally(runtime.device)
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
         images, labels = runtime.inputs(images, labels)
         with runtime.autocast():
-            if aux_loss_weight:
-                logits, aux_logits = model(images)
-                loss = criterion(logits, labels) + aux_loss_weight * criterion(aux_logits, labels)
-            else:
-                logits = model(images)
-                loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+            logits, loss = _training_loss(model, images, labels, training.criterion)
+        training.optimizer.zero_grad(set_to_none=True)
+        training.scaler.scale(loss).backward()
+        training.scaler.step(training.optimizer)
+        training.scaler.update()
         tally.add(loss, logits, labels)
     return tally.result(_clock(runtime.device) - start)
+
+
+def _training_loss(model: PreparedModel, images, labels, criterion) -> tuple[torch.Tensor, torch.Tensor]:
+    """(main logits, loss). A model with an auxiliary head returns its logits too in training."""
+    if model.spec.aux_head is None:
+        logits = model.module(images)
+        return logits, criterion(logits, labels)
+    logits, aux_logits = model.module(images)
+    loss = criterion(logits, labels)
+    if model.spec.aux_loss_weight:
+        loss = loss + model.spec.aux_loss_weight * criterion(aux_logits, labels)
+    return logits, loss
 
 
 @torch.inference_mode()
@@ -99,16 +110,16 @@ def evaluate(
     criterion: nn.Module,
     runtime: Runtime,
     desc: str = "val",
-    trunk: FrozenTrunk | None = None,
+    cache: BackboneCache | None = None,
 ) -> PhaseResult:
     """Loss and accuracy of the main head over a whole loader, in eval mode.
 
-    With a FrozenTrunk, the layers below the head run on the first call only.
+    With a BackboneCache, the layers below the head run on the first call only.
     """
     start = _clock(runtime.device)
     model.eval()
     tally = _Tally(runtime.device)
-    batches = trunk.logits(model, loader, runtime) if trunk else _logits(model, loader, runtime)
+    batches = cache.logits(model, loader, runtime) if cache else _logits(model, loader, runtime)
     for logits, labels in tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None):
         with runtime.autocast():
             loss = criterion(logits, labels)
@@ -123,7 +134,7 @@ def _logits(model: nn.Module, loader, runtime: Runtime):
             yield model(images), labels
 
 
-class FrozenTrunk:
+class BackboneCache:
     """Evaluation for a model that only trains its head, with the backbone in eval mode.
 
     Everything below the head is then a fixed function and the val images never change, so
@@ -199,39 +210,35 @@ class FitResult:
 
 
 def fit(
-    model: nn.Module,
+    training: Training,
     loaders: dict,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    runtime: Runtime,
-    scaler: torch.amp.GradScaler,
-    epochs: int,
-    aux_loss_weight: float = 0.0,
-    frozen_norms: Sequence[nn.Module] = (),
-    trunk: FrozenTrunk | None = None,
+    cache_bytes: int = 0,
     on_epoch: Callable[[EpochReport], None] = lambda report: None,
 ) -> FitResult:
-    """Train and validate every epoch; end with the weights of the best validation accuracy."""
+    """Train and validate every epoch; end with the weights of the best validation accuracy.
+
+    Where the mode allows it, evaluation caches the backbone's output, up to `cache_bytes`.
+    """
+    prepared, module = training.model, training.model.module
+    cache = BackboneCache(module, prepared.spec.head, cache_bytes) if prepared.cache_backbone else None
     best_acc, best_epoch, best_state, curve = -1.0, 0, None, []
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, training.epochs + 1):
         tic = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        tr = train_one_epoch(
-            model, loaders["train"], criterion, optimizer, runtime, scaler,
-            aux_loss_weight, frozen_norms, desc=f"epoch {epoch} train",
-        )  # fmt: skip
-        va = evaluate(model, loaders["val"], criterion, runtime, f"epoch {epoch} val", trunk)
-        if scheduler is not None:
-            scheduler.step()
+        lr = training.optimizer.param_groups[0]["lr"]
+        tr = train_one_epoch(training, loaders["train"], desc=f"epoch {epoch} train")
+        va = evaluate(
+            module, loaders["val"], training.criterion, training.runtime, f"epoch {epoch} val", cache=cache
+        )
+        if training.scheduler is not None:
+            training.scheduler.step()
         improved = va.acc > best_acc
         if improved:
             best_acc, best_epoch = va.acc, epoch
             # A CPU copy: the next epoch's updates must not reach it.
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
         curve.append(va.acc)
-        on_epoch(EpochReport(epoch, tr, va, lr, time.perf_counter() - tic, improved))
-    model.load_state_dict(best_state)
+        on_epoch(EpochReport(epoch, tr, va, lr, seconds=time.perf_counter() - tic, improved=improved))
+    module.load_state_dict(best_state)
     return FitResult(best_acc, best_epoch, curve)
 
 

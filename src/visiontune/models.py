@@ -1,12 +1,13 @@
-"""Build a torchvision classifier, load its weights, swap its head, freeze what the mode freezes.
+"""Build a torchvision classifier, load its weights, swap its heads, and apply the mode: once.
 
-Every per-architecture fact (builder name, head paths, builder arguments) arrives as an
-argument from the model's YAML; nothing here branches on the architecture.
+Every per-architecture fact arrives in a ModelSpec (from the model's YAML); nothing here
+branches on the architecture, and the mode's flags are read in `prepare` alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,39 +16,84 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision import models as tv_models
 
 from visiontune import VisiontuneError
+from visiontune.config import Mode, ModelSpec
 
 IMAGENET_CLASSES = 1000
 
 
-def build_model(
-    arch: str,
-    heads: Sequence[str],
-    num_classes: int,
-    weights: str | None,
-    pretrained_kwargs: Mapping | None = None,
-    scratch_kwargs: Mapping | None = None,
-) -> nn.Module:
-    """A torchvision `arch` with `weights` (or random init when None) and fresh heads."""
+@dataclass(frozen=True)
+class Weights:
+    """Pretrained weights, their source decided once: torchvision's weights API or a state-dict file."""
+
+    arch: str
+    name: str  # a torchvision weights name (DEFAULT, IMAGENET1K_V1) or an absolute file path
+    from_torchvision: bool
+
+    def __str__(self) -> str:  # what the run records
+        return self.name
+
+
+def resolve_weights(arch: str, value: str | None, launch_dir: Path) -> Weights | None:
+    """`model.weights` as given: None, a torchvision weights name, or a file relative to the launch dir."""
+    if value is None:
+        return None
+    value = str(value)
+    if value == "DEFAULT" or value in tv_models.get_model_weights(arch).__members__:
+        return Weights(arch, value, from_torchvision=True)
+    return Weights(arch, str((launch_dir / value).resolve()), from_torchvision=False)
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A model as its mode wants it, with what the engine must know to train and evaluate it."""
+
+    module: nn.Module
+    spec: ModelSpec
+    weights: Weights | None
+    frozen_norms: tuple[nn.Module, ...]  # norm layers kept in eval mode while the rest trains
+    # The backbone is a fixed function (frozen, in eval mode): evaluation may cache its output.
+    cache_backbone: bool
+
+    def train_mode(self) -> None:
+        """module.train(), except that frozen norm layers keep their running statistics."""
+        self.module.train()
+        for norm in self.frozen_norms:
+            norm.eval()
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        params = list(self.module.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def prepare(spec: ModelSpec, mode: Mode, num_classes: int, weights: Weights | None) -> PreparedModel:
+    """The one place a mode's flags are read: weights, heads, what trains, what stays frozen."""
+    module = build_model(spec, num_classes, weights if mode.pretrained else None)
+    frozen_norms: tuple[nn.Module, ...] = ()
+    if not mode.train_backbone:
+        frozen_norms = freeze_backbone(module, spec.heads, mode.freeze_norm_stats)
+    return PreparedModel(
+        module,
+        spec,
+        weights if mode.pretrained else None,
+        frozen_norms,
+        cache_backbone=not mode.train_backbone and mode.freeze_norm_stats,
+    )
+
+
+def build_model(spec: ModelSpec, num_classes: int, weights: Weights | None) -> nn.Module:
+    """`spec.arch` with `weights` (random init when None) and fresh `num_classes` heads."""
     if weights is None:
-        model = tv_models.get_model(arch, weights=None, **(scratch_kwargs or {}))
+        model = tv_models.get_model(spec.arch, weights=None, **spec.scratch_kwargs)
+    elif weights.from_torchvision:
+        model = _from_weights_api(spec.arch, tv_models.get_model_weights(spec.arch)[weights.name])
     else:
-        model = load_pretrained(arch, weights, pretrained_kwargs or {})
-    for path in heads:
+        model = tv_models.get_model(
+            spec.arch, weights=None, num_classes=IMAGENET_CLASSES, **spec.pretrained_kwargs
+        )
+        model.load_state_dict(_read_state_dict(Path(weights.name), spec.arch, model))
+    for path in spec.heads:  # loaded at 1000 classes, then swapped: torchvision refuses other counts
         replace_head(model, path, num_classes)
-    return model
-
-
-def is_weights_name(arch: str, weights: str) -> bool:
-    """DEFAULT or a torchvision weights name (IMAGENET1K_V1, ...), as opposed to a file path."""
-    return weights == "DEFAULT" or weights in tv_models.get_model_weights(arch).__members__
-
-
-def load_pretrained(arch: str, weights: str, pretrained_kwargs: Mapping) -> nn.Module:
-    """The 1000-class ImageNet model: from torchvision's weights API or a state-dict file."""
-    if is_weights_name(arch, weights):
-        return _from_weights_api(arch, tv_models.get_model_weights(arch)[weights])
-    model = tv_models.get_model(arch, weights=None, num_classes=IMAGENET_CLASSES, **pretrained_kwargs)
-    model.load_state_dict(_read_state_dict(Path(weights), arch, model))
     return model
 
 
@@ -115,28 +161,17 @@ def replace_head(model: nn.Module, path: str, num_classes: int) -> None:
     setattr(model.get_submodule(parent_path), name, new)
 
 
-def freeze_backbone(model: nn.Module, heads: Sequence[str], freeze_norm_stats: bool) -> list[nn.Module]:
+def freeze_backbone(
+    model: nn.Module, heads: tuple[str, ...], freeze_norm_stats: bool
+) -> tuple[nn.Module, ...]:
     """Train only the heads. Returns the norm layers that must stay in eval mode."""
     model.requires_grad_(False)
     for path in heads:
         model.get_submodule(path).requires_grad_(True)
     if not freeze_norm_stats:
-        return []
-    return [
+        return ()
+    return tuple(
         m
         for m in model.modules()
         if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters())
-    ]
-
-
-def set_train_mode(model: nn.Module, frozen_norms: Sequence[nn.Module]) -> None:
-    """model.train(), except that frozen norm layers keep their running statistics."""
-    model.train()
-    for module in frozen_norms:
-        module.eval()
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    )

@@ -9,6 +9,7 @@ parent gets the sweep's leaderboard and accuracy overlay.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import signal
 import sys
@@ -22,6 +23,24 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger("visiontune")
+
+# A multirun's parent run id and the keys it varies, written once into the sweep folder before
+# any job starts, so that jobs in this process and in joblib's worker processes all find them.
+SWEEP_FILE = ".mlflow_sweep.json"
+
+
+def write_handoff(sweep_dir: Path, parent_run_id: str, varied: list[str]) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps({"parent_run_id": parent_run_id, "varied": varied}))
+
+
+def read_handoff(sweep_dir: Path | None) -> tuple[str | None, list[str]]:
+    """(parent run id, varied keys); (None, []) for a single run, or where no sweep callback ran."""
+    path = sweep_dir / SWEEP_FILE if sweep_dir else None
+    if path is None or not path.is_file():
+        return None, []
+    sweep = json.loads(path.read_text())
+    return sweep["parent_run_id"], sweep["varied"]
 
 
 def swept_keys(task_overrides, sweeper_params=None) -> list[str]:
@@ -65,8 +84,7 @@ def check_sweeper(sweeper: DictConfig) -> None:
 
 class MlflowSweep(Callback):
     def __init__(self) -> None:
-        self.uri: str | None = None
-        self.parent_id: str | None = None
+        self.parent = None  # a store.ParentRun while the sweep is open
         self.interrupted = False
 
     # Hydra turns an exception in a callback into a warning and carries on: a sweep would run
@@ -93,14 +111,12 @@ class MlflowSweep(Callback):
             _fail(f"{len(failed)} of {total} jobs failed: {', '.join(failed)}")
 
     def _open_parent(self, config: DictConfig) -> None:
-        from mlflow.tracking import MlflowClient
-
-        from visiontune import tracking
+        from visiontune import store
 
         check_sweeper(config.hydra.sweeper)
         launch_dir = Path(config.hydra.runtime.cwd)
-        self.uri = tracking.tracking_uri(config.mlflow.tracking_uri, launch_dir)
-        experiment_id = tracking.ensure_experiment(self.uri, config.mlflow.experiment_name)
+        uri = store.tracking_uri(config.mlflow.tracking_uri, launch_dir)
+        experiment_id = store.ensure_experiment(uri, config.mlflow.experiment_name)
         sweep_dir = launch_dir / str(config.hydra.sweep.dir)
         overrides = list(config.hydra.overrides.task)
         varied = swept_keys(overrides, config.hydra.sweeper.get("params"))
@@ -109,54 +125,34 @@ class MlflowSweep(Callback):
         atexit.register(self._end_abandoned)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._note_interrupt)
-        with tracking.deferred_interrupt():  # the id must be kept once the run exists
-            run = MlflowClient(self.uri).create_run(
-                experiment_id,
-                run_name=f"sweep-{'-'.join(varied) or 'jobs'}-{sweep_dir.name}",
-                tags={
-                    "visiontune.sweep": "parent",
-                    "sweep.varied": ",".join(varied),
-                    "sweep.overrides": tracking.shorten(" ".join(overrides), 5000),
-                    "sweep.dir": str(sweep_dir),
-                },
-            )
-            self.parent_id = run.info.run_id
-        tracking.write_sweep(sweep_dir, self.parent_id, varied)
-        log.info("MLflow parent run %s for this sweep (varies %s)", self.parent_id, ", ".join(varied) or "-")
+        tags = {
+            "visiontune.sweep": "parent",
+            "sweep.varied": ",".join(varied),
+            "sweep.overrides": store.shorten(" ".join(overrides), store.TAG_VALUE_LIMIT),
+            "sweep.dir": str(sweep_dir),
+        }
+        name = f"sweep-{'-'.join(varied) or 'jobs'}-{sweep_dir.name}"
+        self.parent = store.ParentRun.start(uri, experiment_id, name, tags)
+        write_handoff(sweep_dir, self.parent.run_id, varied)
+        log.info(
+            "MLflow parent run %s for this sweep (varies %s)", self.parent.run_id, ", ".join(varied) or "-"
+        )
 
     def _summarise(self) -> tuple[list[str], int]:
         """Leaderboard, figure and best child on the parent, which ends FINISHED; (failed jobs, jobs)."""
-        from mlflow.tracking import MlflowClient
+        from visiontune import report, store
 
-        from visiontune import compare
-
-        client = MlflowClient(self.uri)
-        self._close_orphans(client, "FAILED")
-        children = compare.select_runs(client, parent=self.parent_id)
+        self.parent.close_orphans("FAILED")
+        client = store.open_store(self.parent.uri)
+        children = report.select_runs(client, parent=self.parent.run_id)
         with tempfile.TemporaryDirectory() as tmp:
-            rows = compare.write_report(client, children, Path(tmp))
-            client.log_artifacts(self.parent_id, tmp)
+            rows = report.write_report(client, children, Path(tmp))
+            self.parent.record(Path(tmp), *_summary(rows))
             print("\n" + (Path(tmp) / "leaderboard.md").read_text())
-        finished = [r for r in rows if r["status"] == "FINISHED" and r["best_val_acc"] is not None]
-        if finished:
-            client.set_tag(self.parent_id, "best_child_run_id", finished[0]["run_id"])
-            client.set_tag(self.parent_id, "best_child", finished[0]["run"])
-            client.log_metric(self.parent_id, "best_val_acc", finished[0]["best_val_acc"])
-        failed = [r for r in rows if r["status"] != "FINISHED"]
-        client.set_tag(self.parent_id, "sweep.children", str(len(rows)))
-        client.set_tag(self.parent_id, "sweep.failed", str(len(failed)))
-        client.set_terminated(self.parent_id, "FINISHED")
-        self.parent_id = None
-        return [r["run"] for r in failed], len(rows)
-
-    def _close_orphans(self, client, status: str) -> None:
-        """Children still RUNNING once their jobs are over died without reporting (killed, OOM)."""
-        from visiontune import compare, tracking
-
-        for child in compare.select_runs(client, parent=self.parent_id):
-            if child.info.status == "RUNNING":
-                client.set_tag(child.info.run_id, tracking.ERROR_TAG, "the job ended without reporting")
-                client.set_terminated(child.info.run_id, status)
+        self.parent.end("FINISHED")
+        self.parent = None
+        failed = [r["run"] for r in rows if r["status"] != "FINISHED"]
+        return failed, len(rows)
 
     def _note_interrupt(self, signum, frame) -> None:
         self.interrupted = True
@@ -164,29 +160,37 @@ class MlflowSweep(Callback):
 
     def _end_abandoned(self, reason: str = "the sweep stopped before its end") -> None:
         """End a parent (and children) left RUNNING: KILLED after Ctrl-C, else FAILED. Never raises."""
-        if self.parent_id is None:
+        if self.parent is None:
             return
-        from mlflow.tracking import MlflowClient
-
-        from visiontune import tracking
-
         status = "KILLED" if self.interrupted else "FAILED"
         try:
-            client = MlflowClient(self.uri)
-            self._close_orphans(client, status)
+            self.parent.close_orphans(status)
             if status == "FAILED":
-                client.set_tag(self.parent_id, tracking.ERROR_TAG, reason)
-                print(f"error: {reason}; its MLflow parent run {self.parent_id} is FAILED", file=sys.stderr)
-            client.set_terminated(self.parent_id, status)
-            self.parent_id = None
+                print(
+                    f"error: {reason}; its MLflow parent run {self.parent.run_id} is FAILED", file=sys.stderr
+                )
+            self.parent.end(status, reason if status == "FAILED" else None)
+            self.parent = None
         except Exception as err:
             print(f"error: cannot end the sweep's MLflow parent run: {_message(err)}", file=sys.stderr)
 
 
-def _message(err: Exception) -> str:
-    from visiontune import user_message
+def _summary(rows: list[dict]) -> tuple[dict[str, str], dict[str, float]]:
+    """The parent's tags and metrics from its leaderboard rows (best first)."""
+    failed = [r for r in rows if r["status"] != "FINISHED"]
+    tags = {"sweep.children": str(len(rows)), "sweep.failed": str(len(failed))}
+    metrics = {}
+    finished = [r for r in rows if r["status"] == "FINISHED" and r["best_val_acc"] is not None]
+    if finished:
+        tags |= {"best_child_run_id": finished[0]["run_id"], "best_child": finished[0]["run"]}
+        metrics["best_val_acc"] = finished[0]["best_val_acc"]
+    return tags, metrics
 
-    return user_message(err)[:500]
+
+def _message(err: Exception) -> str:
+    from visiontune import CAUSE_LIMIT, user_message
+
+    return user_message(err)[:CAUSE_LIMIT]
 
 
 def _fail(message: str) -> NoReturn:

@@ -34,17 +34,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from visiontune import tracking
+    from visiontune import store
 
-    uri = tracking.tracking_uri(args.tracking_uri, Path.cwd())
+    uri = store.tracking_uri(args.tracking_uri, Path.cwd())
     if uri.startswith(("http://", "https://")):
         print(f"{uri} is an MLflow server: its UI is at {uri}")
         return 0
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    if store.missing_store(uri):
         parser.error(f"no MLflow store at {uri}: run visiontune-train here first, or pass --tracking-uri")
     # Upgrading an older store here, under visiontune's lock, keeps the UI's own start-up from
     # migrating it while a training run opens it too.
-    experiment = tracking.open_store(uri).get_experiment_by_name(args.experiment)
+    experiment = store.open_store(uri).get_experiment_by_name(args.experiment)
     base = f"http://{args.host}:{args.port}"
     print(f"serving {uri}")
     print(f"open {experiment_url(base, experiment.experiment_id) if experiment else base}", flush=True)

@@ -60,7 +60,8 @@ def test_run_records_params_metrics_and_a_loadable_model(workspace, tiny_folder)
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'outputs' / 'mlflow.db'}")
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model").eval()
     _, samples = data.find_samples(tiny_folder)
-    images, labels = next(iter(data.build_loaders(samples, 64, 100, 0, 0, False, False)["val"]))
+    settings = data.LoaderSettings(input_size=64, batch_size=100, num_workers=0, seed=0)
+    images, labels = next(iter(data.build_loaders(samples, settings)["val"]))
     images = data.Normalizer(torch.device("cpu"))(images)
     with torch.no_grad():
         accuracy = (model(images).argmax(1) == labels).float().mean().item()
@@ -207,11 +208,9 @@ def test_tutorial_data_at_full_size(tmp_path):
 
 def test_pretrained_weights_unavailable_offline(workspace, tiny_folder):
     """The default weights with no network (a closed localhost port as proxy): one clear message."""
-    from conftest import cli_env
+    from conftest import cli_env, offline_env
 
-    env = cli_env(workspace) | {v: "http://127.0.0.1:9" for v in ("https_proxy", "HTTPS_PROXY", "http_proxy")}
-    env.pop("no_proxy", None)
-    env.pop("NO_PROXY", None)
+    env = offline_env(cli_env(workspace))
     before = snapshot(workspace)
     result = run_cli(
         workspace,
@@ -250,6 +249,8 @@ def test_cli_starts_without_importing_torch_or_mlflow():
     import subprocess
     import sys
 
-    code = "import sys, visiontune.train, visiontune.sweep; print(sorted({'torch', 'mlflow'} & set(sys.modules)))"
+    code = (
+        "import sys, visiontune.cli, visiontune.sweep; print(sorted({'torch', 'mlflow'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

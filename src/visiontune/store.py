@@ -1,9 +1,12 @@
-"""Everything MLflow: where the store lives, runs whose status is true, params, metrics, models."""
+"""Everything that writes to MLflow: where the store lives, its lock, runs whose status is true,
+params, metrics, figures, models, and a sweep's parent run.
+
+Other modules read runs through a client from `open_store`; none writes to MLflow but here.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -14,7 +17,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from visiontune import VisiontuneError, user_message
+from visiontune import CAUSE_LIMIT, VisiontuneError, user_message
 
 try:
     import fcntl
@@ -23,9 +26,16 @@ except ImportError:  # Windows: no advisory locks; stores there are opened ungua
 
 log = logging.getLogger(__name__)
 
-# MLflow rejects longer param values (mlflow.utils.validation); we shorten instead of failing.
+# MLflow refuses longer values (mlflow.utils.validation: params 6000, tags 8000 characters);
+# we shorten instead of failing the run.
 PARAM_VALUE_LIMIT = 6000
+TAG_VALUE_LIMIT = 5000  # below MLflow's 8000, leaving room for the UI to show a tag whole
 ERROR_TAG = "error"
+SQLITE_PREFIX = "sqlite:///"
+
+# MLflow 3.x UIs choose between their GenAI and Model-training views from this experiment tag
+# (3.17's reads it when its workflow-type switch is off); visiontune-ui's link also asks for the latter.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(configured: str | None, launch_dir: Path) -> str:
@@ -34,20 +44,24 @@ def tracking_uri(configured: str | None, launch_dir: Path) -> str:
         return str(configured)
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(launch_dir / 'outputs' / 'mlflow.db').resolve()}"
+    return f"{SQLITE_PREFIX}{(launch_dir / 'outputs' / 'mlflow.db').resolve()}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a local SQLite store; None for a server or another database."""
+    return Path(uri.removeprefix(SQLITE_PREFIX)) if uri.startswith(SQLITE_PREFIX) else None
+
+
+def missing_store(uri: str) -> Path | None:
+    """The file of a local SQLite store that does not exist yet (nothing to read there)."""
+    path = sqlite_path(uri)
+    return path if path is not None and not path.is_file() else None
 
 
 def artifact_location(uri: str) -> str | None:
     """Artifacts beside a local SQLite store (outputs/mlartifacts); a server decides its own."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-
-
-# Marks the experiment as model training. MLflow 3.17's UI ignores it and picks GenAI vs
-# Model training per browser (visiontune-ui's link asks for the latter); kept for MLflow
-# versions that read the tag.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+    path = sqlite_path(uri)
+    return None if path is None else (path.parent / "mlartifacts").resolve().as_uri()
 
 
 @contextlib.contextmanager
@@ -58,10 +72,10 @@ def _store_lock(uri: str) -> Iterator[None]:
     at once (a job and `visiontune-compare`, two first runs) break the file for good with
     "table _alembic_tmp_... already exists". A lock file beside the store serialises them.
     """
-    if not uri.startswith("sqlite:///") or fcntl is None:
+    database = sqlite_path(uri)
+    if database is None or fcntl is None:
         yield
         return
-    database = Path(uri.removeprefix("sqlite:///"))
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.with_name(database.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -87,7 +101,7 @@ def ensure_experiment(uri: str, name: str) -> str:
         experiment = client.get_experiment_by_name(name)
     except Exception as err:  # a wrong scheme, a server that is down, a store we cannot open
         raise VisiontuneError(
-            f"cannot use the MLflow store mlflow.tracking_uri={uri}: {user_message(err)[:500]}. "
+            f"cannot use the MLflow store mlflow.tracking_uri={uri}: {user_message(err)[:CAUSE_LIMIT]}. "
             f"Check the URI (sqlite:///abs/path.db, http://host:port) or unset it for outputs/mlflow.db."
         ) from err
     if experiment is None:
@@ -100,7 +114,7 @@ def ensure_experiment(uri: str, name: str) -> str:
             if experiment is None:
                 raise
     for key, value in EXPERIMENT_KIND.items():
-        if key not in experiment.tags:
+        if key not in experiment.tags:  # an experiment made by plain MLflow
             client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
@@ -128,13 +142,12 @@ def deferred_interrupt() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
+# --- one training run ---------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
 def tracked_run(
-    uri: str,
-    experiment_id: str,
-    run_name: str,
-    tags: Mapping[str, str],
-    parent_run_id: str | None = None,
+    uri: str, experiment_id: str, run_name: str, tags: Mapping[str, str], parent_run_id: str | None = None
 ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that ends FINISHED, FAILED (error tag set) or KILLED, whatever happens inside."""
     mlflow.set_tracking_uri(uri)
@@ -150,7 +163,7 @@ def tracked_run(
         raise
     except BaseException as err:
         with deferred_interrupt():
-            mlflow.set_tag(ERROR_TAG, user_message(err)[:PARAM_VALUE_LIMIT])
+            mlflow.set_tag(ERROR_TAG, shorten(user_message(err), PARAM_VALUE_LIMIT))
             mlflow.end_run("FAILED")
         raise
     with deferred_interrupt():
@@ -184,6 +197,20 @@ def log_params(params: Mapping[str, object]) -> None:
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     with deferred_interrupt():
         mlflow.log_metrics(dict(metrics), step=step)
+
+
+def log_figure(figure, name: str) -> None:
+    with deferred_interrupt():
+        mlflow.log_figure(figure, name)
+
+
+def log_files(path: Path, artifact_path: str | None = None) -> None:
+    """A file, or a folder's files under `artifact_path`, as artifacts of the active run."""
+    with deferred_interrupt():
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path)
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path)
 
 
 class _KnownPickleChoice(logging.Filter):
@@ -225,20 +252,48 @@ def log_model(model, example) -> str:
     return info.model_uri
 
 
-# A multirun's parent run id and the keys it varies, written once into the sweep folder before
-# any job starts, so that jobs in this process and in joblib's worker processes all find them.
-SWEEP_FILE = ".mlflow_sweep.json"
+# --- a sweep's parent run -----------------------------------------------------------------------
 
 
-def write_sweep(sweep_dir: Path, parent_run_id: str, varied: list[str]) -> None:
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / SWEEP_FILE).write_text(json.dumps({"parent_run_id": parent_run_id, "varied": varied}))
+def children_of(client: MlflowClient, parent_run_id: str) -> list:
+    """Every run nested under `parent_run_id`."""
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    return client.search_runs([experiment_id], query, max_results=10_000)
 
 
-def read_sweep(sweep_dir: Path) -> tuple[str | None, list[str]]:
-    """(parent run id, varied keys); (None, []) where no sweep callback ran (it was removed)."""
-    path = sweep_dir / SWEEP_FILE
-    if not path.is_file():
-        return None, []
-    sweep = json.loads(path.read_text())
-    return sweep["parent_run_id"], sweep["varied"]
+class ParentRun:
+    """A multirun's parent: created before its jobs, summarised and ended after them."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri = uri
+        self.run_id = run_id
+
+    @classmethod
+    def start(cls, uri: str, experiment_id: str, name: str, tags: Mapping[str, str]) -> ParentRun:
+        with deferred_interrupt():  # the id must be kept once the run exists
+            run = MlflowClient(uri).create_run(experiment_id, run_name=name, tags=dict(tags))
+        return cls(uri, run.info.run_id)
+
+    def close_orphans(self, status: str) -> None:
+        """Children still RUNNING once their jobs are over died without reporting (killed, OOM)."""
+        client = MlflowClient(self.uri)
+        for child in children_of(client, self.run_id):
+            if child.info.status == "RUNNING":
+                client.set_tag(child.info.run_id, ERROR_TAG, "the job ended without reporting")
+                client.set_terminated(child.info.run_id, status)
+
+    def record(self, report_dir: Path, tags: Mapping[str, str], metrics: Mapping[str, float]) -> None:
+        """The sweep's report files, summary tags and metrics on the parent."""
+        client = MlflowClient(self.uri)
+        client.log_artifacts(self.run_id, str(report_dir))
+        for key, value in tags.items():
+            client.set_tag(self.run_id, key, value)
+        for key, value in metrics.items():
+            client.log_metric(self.run_id, key, value)
+
+    def end(self, status: str, error: str | None = None) -> None:
+        client = MlflowClient(self.uri)
+        if error is not None:
+            client.set_tag(self.run_id, ERROR_TAG, shorten(error, TAG_VALUE_LIMIT))
+        client.set_terminated(self.run_id, status)

@@ -1,4 +1,4 @@
-"""The MLflow layer against a real SQLite store: true run status, safe params, a faithful model."""
+"""The store layer against a real SQLite store: true run status, safe params, a faithful model."""
 
 from __future__ import annotations
 
@@ -9,39 +9,40 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from visiontune import VisiontuneError, models, tracking
+from conftest import SPECS
+from visiontune import VisiontuneError, models, store
 
 
 @pytest.fixture
-def store(tmp_path):
-    uri = tracking.tracking_uri(None, tmp_path)
-    return uri, tracking.ensure_experiment(uri, "unit")
+def experiment(tmp_path):
+    uri = store.tracking_uri(None, tmp_path)
+    return uri, store.ensure_experiment(uri, "unit")
 
 
 def test_default_store_is_sqlite_under_outputs(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    assert store.tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.tracking_uri(None, tmp_path) == "http://127.0.0.1:5000"
-    assert tracking.tracking_uri("sqlite:////elsewhere.db", tmp_path) == "sqlite:////elsewhere.db"
+    assert store.tracking_uri(None, tmp_path) == "http://127.0.0.1:5000"
+    assert store.tracking_uri("sqlite:////elsewhere.db", tmp_path) == "sqlite:////elsewhere.db"
 
 
-def test_experiment_keeps_artifacts_beside_the_store_and_opens_on_training_runs(tmp_path, store):
-    uri, experiment_id = store
+def test_experiment_keeps_artifacts_beside_the_store_and_opens_on_training_runs(tmp_path, experiment):
+    uri, experiment_id = experiment
     experiment = MlflowClient(uri).get_experiment(experiment_id)
     assert experiment.artifact_location == (tmp_path / "outputs" / "mlartifacts").as_uri()
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert tracking.ensure_experiment(uri, "unit") == experiment_id  # found, not duplicated
+    assert store.ensure_experiment(uri, "unit") == experiment_id  # found, not duplicated
 
 
 @pytest.mark.parametrize(
     ("error", "status"),
     [(None, "FINISHED"), (VisiontuneError("bad lr"), "FAILED"), (KeyboardInterrupt(), "KILLED")],
 )
-def test_run_status_is_true(store, error, status):
-    uri, experiment_id = store
+def test_run_status_is_true(experiment, error, status):
+    uri, experiment_id = experiment
     with pytest.raises(type(error)) if error else contextlib.nullcontext():  # noqa: SIM117
-        with tracking.tracked_run(uri, experiment_id, "r", {"model": "resnet"}) as run:
+        with store.tracked_run(uri, experiment_id, "r", {"model": "resnet"}) as run:
             if error:
                 raise error
     finished = MlflowClient(uri).get_run(run.info.run_id)
@@ -50,32 +51,32 @@ def test_run_status_is_true(store, error, status):
     assert (finished.data.tags.get("error") == "bad lr") == (status == "FAILED")
 
 
-def test_long_and_nested_params_are_stored_never_refused(store):
-    uri, experiment_id = store
+def test_long_and_nested_params_are_stored_never_refused(experiment):
+    uri, experiment_id = experiment
     config = {
         "data": {"root": "x" * 10_000, "name": "imagefolder"},
         "optimizer": {"_target_": "t", "lr": 0.1},
     }
-    params = tracking.flatten(config)
+    params = store.flatten(config)
     assert params == {"data.root": "x" * 10_000, "data.name": "imagefolder", "optimizer.lr": 0.1}
-    with tracking.tracked_run(uri, experiment_id, "r", {}) as run:
-        tracking.log_params(params)
+    with store.tracked_run(uri, experiment_id, "r", {}) as run:
+        store.log_params(params)
     stored = MlflowClient(uri).get_run(run.info.run_id).data.params
-    assert len(stored["data.root"]) == tracking.PARAM_VALUE_LIMIT and stored["data.root"].endswith("...")
+    assert len(stored["data.root"]) == store.PARAM_VALUE_LIMIT and stored["data.root"].endswith("...")
     assert stored["optimizer.lr"] == "0.1"
 
 
-def test_logged_model_loads_and_predicts_what_the_model_in_memory_predicts(store):
-    uri, experiment_id = store
+def test_logged_model_loads_and_predicts_what_the_model_in_memory_predicts(experiment):
+    uri, experiment_id = experiment
     torch.manual_seed(0)
-    model = models.build_model("resnet18", ["fc"], 3, None)
+    model = models.build_model(SPECS["resnet"], 3, None)
     model.eval()
     example = torch.randn(1, 3, 64, 64)
     inputs = torch.randn(5, 3, 64, 64)
     with torch.no_grad():
         expected = model(inputs)
-    with tracking.tracked_run(uri, experiment_id, "r", {}) as run:
-        tracking.log_model(model, example)
+    with store.tracked_run(uri, experiment_id, "r", {}) as run:
+        store.log_model(model, example)
     mlflow.set_tracking_uri(uri)
     loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     with torch.no_grad():
@@ -90,7 +91,7 @@ def test_ctrl_c_during_a_store_write_waits_for_the_write():
 
     order = []
     with pytest.raises(KeyboardInterrupt):
-        with tracking.deferred_interrupt():
+        with store.deferred_interrupt():
             os.kill(os.getpid(), signal.SIGINT)
             order.append("write finished")
         order.append("not reached")
@@ -104,7 +105,7 @@ def test_processes_opening_a_new_store_at_once_leave_it_whole(tmp_path):
     import sys
 
     uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
-    code = "import sys; from visiontune import tracking; tracking.ensure_experiment(sys.argv[1], 'shared')"
+    code = "import sys; from visiontune import store; store.ensure_experiment(sys.argv[1], 'shared')"
     openers = [
         subprocess.Popen([sys.executable, "-c", code, uri], stderr=subprocess.PIPE, text=True)
         for _ in range(3)

@@ -1,0 +1,65 @@
+"""visiontune-train: @hydra.main, errors as one line and an exit code, a fast start.
+
+torch and mlflow are imported by the pipeline, not here, so that --help, --cfg and config
+errors answer at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from visiontune import VisiontuneError, user_message
+
+log = logging.getLogger("visiontune")
+
+# Options that live in optional Hydra plugins: (override, plugin module, what to install).
+PLUGIN_OPTIONS = (
+    ("search=optuna", "hydra_plugins.hydra_optuna_sweeper", "visiontune[optuna]"),
+    ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "visiontune[optuna]"),
+)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://visiontune.conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Train one configuration; returns its best validation accuracy (for sweepers)."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        from visiontune import pipeline
+
+        return pipeline.run(cfg)
+    except VisiontuneError as err:
+        log.error("error: %s", user_message(err))
+        if multirun:  # the sweep goes on; the job's MLflow run is already FAILED
+            return None
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        log.error("interrupted: the MLflow run is marked KILLED")
+        raise SystemExit(130) from None
+    except Exception:
+        if not multirun:
+            raise
+        log.exception("job failed")
+        return None
+
+
+def cli() -> None:
+    """The console script: main(), after checking that options from optional plugins can load.
+
+    Without the plugin Hydra only says it cannot find 'hydra/sweeper/optuna'; this says what to
+    install instead.
+    """
+    for option, module, extra in PLUGIN_OPTIONS:
+        if option in sys.argv[1:] and importlib.util.find_spec(module) is None:
+            sys.exit(f'error: {option} needs a Hydra plugin that is not installed: pip install "{extra}"')
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,224 @@
+"""run(cfg): one training run as a flat list of steps, and the only place that sees the whole config.
+
+Below it every function takes the values it needs: a ModelSpec, a Mode, paths, numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from visiontune import VisiontuneError, config, data, engine, models, report, store, sweep
+from visiontune.config import Mode, ModelSpec
+
+log = logging.getLogger("visiontune")
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Job:
+    """What Hydra knows of this run: where it was launched, where it writes, what was overridden."""
+
+    launch_dir: Path
+    output_dir: Path
+    log_file: Path
+    choices: Mapping[str, str]
+    overrides: list[str]
+    number: int | None  # the job's number in a multirun
+    sweep_dir: Path | None  # a multirun's folder, where its sweep hand-off waits
+
+    @classmethod
+    def from_hydra(cls) -> Job:
+        hydra = HydraConfig.get()
+        launch_dir, output_dir = Path(hydra.runtime.cwd), Path(hydra.runtime.output_dir)
+        multirun = hydra.mode == RunMode.MULTIRUN
+        return cls(
+            launch_dir,
+            output_dir,
+            log_file=output_dir / f"{hydra.job.name}.log",
+            choices=dict(hydra.runtime.choices),
+            overrides=list(hydra.overrides.task),
+            number=hydra.job.num if multirun else None,
+            sweep_dir=launch_dir / hydra.sweep.dir if multirun else None,
+        )
+
+
+def run(cfg: DictConfig) -> float:
+    """Train one configuration in one MLflow run; returns its best validation accuracy."""
+    job = Job.from_hydra()
+    spec, mode = config.model_spec(cfg.model), config.mode_of(cfg.mode)
+    parent_id, varied = sweep.read_handoff(job.sweep_dir)
+    uri = store.tracking_uri(cfg.mlflow.tracking_uri, job.launch_dir)
+    experiment_id = store.ensure_experiment(uri, cfg.mlflow.experiment_name)
+    name = run_name(spec, mode, varied, job.number)
+    with store.tracked_run(uri, experiment_id, name, run_tags(cfg, job), parent_id):
+        store.log_files(job.output_dir / ".hydra", "hydra")
+        try:
+            config.check_values(cfg)
+            device = pick_device(str(cfg.device))
+            checked = check_data(cfg.data, job.launch_dir)
+            torch.manual_seed(cfg.seed)
+            weights = models.resolve_weights(spec.arch, cfg.model.weights, job.launch_dir)
+            prepared = models.prepare(spec, mode, len(checked.classes), weights)
+            store.log_params(run_params(cfg, checked, prepared, device))
+            announce(prepared, mode, checked, device)
+            loaders = build_loaders(cfg, checked, prepared, device)
+            training = build_training(cfg, prepared, device)
+            cache_bytes = cfg.data.val_cache_mb * 2**20
+            result = engine.fit(training, loaders, cache_bytes, on_epoch=epoch_logger(cfg.epochs))
+            record(result, f"{spec.name}-{mode.name}", loaders["val"], prepared, cfg.mlflow.log_model)
+        finally:
+            store.log_files(job.log_file)
+    return result.best_acc
+
+
+def run_name(spec: ModelSpec, mode: Mode, varied: list[str], number: int | None) -> str:
+    name = f"{spec.name}-{mode.name}"
+    if set(varied) - {"model", "mode"}:  # seeds, lrs, Optuna trials: Hydra's job number tells them apart
+        name += f" #{number}"
+    return name
+
+
+def run_tags(cfg: DictConfig, job: Job) -> dict[str, str]:
+    """Tags to filter and group by in the UI: the groups, the lr, and every overridden key."""
+    tags = {group: job.choices[group] for group in ("model", "mode", "data", "optimizer", "scheduler")}
+    tags["lr"] = str(cfg.optimizer.lr)
+    for override in job.overrides:
+        key, _, value = override.partition("=")
+        # MLflow tag keys allow letters, digits, _ - . / and spaces; `model@x` or `+key` do not fit.
+        tags[re.sub(r"[^\w\-./ ]", "_", key.lstrip("+~"))] = store.shorten(value, store.TAG_VALUE_LIMIT)
+    return tags
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VisiontuneError(f"device={requested} but this machine has no CUDA GPU: use device=auto or cpu")
+    return device
+
+
+def check_data(data_cfg: DictConfig, launch_dir: Path) -> data.CheckedData:
+    """The data folder (downloaded first where it is missing and a URL is known), checked."""
+    root = (launch_dir / data_cfg.root).resolve()
+    data.prepare_root(root, data_cfg.url, data_cfg.md5, data_cfg.tree_sha256)
+    return data.check_folder(root, data_cfg.skip_bad_images, data_cfg.get("max_image_pixels"))
+
+
+def run_params(cfg: DictConfig, checked: data.CheckedData, prepared: models.PreparedModel, device) -> dict:
+    """The resolved config, flattened, plus the facts the run found out."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("mlflow")
+    trainable, total = prepared.parameter_counts()
+    return store.flatten(resolved) | {
+        "optimizer.name": cfg.optimizer._target_.rsplit(".", 1)[-1].lower(),
+        "scheduler.name": cfg.scheduler._target_.rsplit(".", 1)[-1] if cfg.scheduler else "none",
+        "data.root": str(checked.root),
+        "model.weights": str(prepared.weights),
+        "num_classes": len(checked.classes),
+        "classes": ",".join(checked.classes),
+        "train_images": len(checked.samples["train"]),
+        "val_images": len(checked.samples["val"]),
+        "skipped_images": checked.skipped,
+        "trainable_params": trainable,
+        "total_params": total,
+        "device_used": str(device),
+    }
+
+
+def announce(prepared: models.PreparedModel, mode: Mode, checked: data.CheckedData, device) -> None:
+    trainable, total = prepared.parameter_counts()
+    counts = {split: len(samples) for split, samples in checked.samples.items()}
+    log.info(
+        "%s %s on %s: %d classes, %d train / %d val images, %s of %s parameters train",
+        *(prepared.spec.name, mode.name, device, len(checked.classes), counts["train"], counts["val"]),
+        *(f"{trainable:,}", f"{total:,}"),
+    )
+
+
+def worker_count(requested) -> int:
+    if requested != "auto":
+        return requested
+    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def build_loaders(cfg: DictConfig, checked: data.CheckedData, prepared: models.PreparedModel, device) -> dict:
+    """Train and val loaders; the decoded val images kept after the first epoch where they fit."""
+    settings = data.LoaderSettings(
+        input_size=cfg.model.input_size,
+        batch_size=cfg.batch_size,
+        num_workers=worker_count(cfg.num_workers),
+        seed=cfg.seed,
+        pin_memory=device.type == "cuda",
+        skip_bad=cfg.data.skip_bad_images,
+        max_image_pixels=cfg.data.get("max_image_pixels"),
+    )
+    loaders = data.build_loaders(checked.samples, settings)
+    # A cached backbone output already spares the val images' decoding after the first epoch.
+    fits = (
+        data.replay_bytes(len(checked.samples["val"]), settings.input_size) <= cfg.data.val_cache_mb * 2**20
+    )
+    if not prepared.cache_backbone and fits:
+        loaders["val"] = data.ReplayLoader(loaders["val"])
+    return loaders
+
+
+def build_training(cfg: DictConfig, prepared: models.PreparedModel, device) -> engine.Training:
+    """Loss, optimiser, schedule, precision and memory layout around the prepared model."""
+    amp_dtype = AMP_DTYPES[str(cfg.precision)]
+    layout = torch.channels_last if cfg.channels_last else torch.preserve_format
+    prepared.module.to(device, memory_format=layout)
+    optimizer = instantiate(cfg.optimizer)(
+        params=[p for p in prepared.module.parameters() if p.requires_grad]
+    )
+    return engine.Training(
+        model=prepared,
+        criterion=torch.nn.CrossEntropyLoss(),
+        optimizer=optimizer,
+        scheduler=instantiate(cfg.scheduler)(optimizer=optimizer) if cfg.scheduler else None,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        runtime=engine.Runtime(device, data.Normalizer(device), amp_dtype, cfg.channels_last),
+        epochs=cfg.epochs,
+    )
+
+
+def epoch_logger(epochs: int):
+    """One MLflow step and one summary line per epoch."""
+
+    def on_epoch(r: engine.EpochReport) -> None:
+        metrics = {"train_loss": r.train.loss, "train_acc": r.train.acc, "val_loss": r.val.loss}
+        store.log_metrics(
+            metrics | {"val_acc": r.val.acc, "epoch_seconds": r.seconds, "lr": r.lr}, step=r.epoch
+        )
+        log.info(
+            "epoch %*d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs%s",
+            *(len(str(epochs)), r.epoch, epochs, r.train.loss, r.train.acc, r.val.loss, r.val.acc),
+            *(r.seconds, "  * best" if r.improved else ""),
+        )
+
+    return on_epoch
+
+
+def record(result: engine.FitResult, label: str, val_loader, prepared: models.PreparedModel, log_model: bool):
+    """What the run keeps of its fit: best accuracy and epoch, the curve, the best model."""
+    store.log_metrics({"best_val_acc": result.best_acc, "best_epoch": result.best_epoch})
+    curves = {label: result.val_curve}
+    store.log_figure(report.accuracy_curves(curves, "Validation accuracy"), "val_acc.png")
+    if log_model:
+        example = data.Normalizer(torch.device("cpu"))(next(iter(val_loader))[0][:1])
+        store.log_model(prepared.module, example)
+    log.info(
+        "best val acc %.4f at epoch %d; browse runs with: visiontune-ui", result.best_acc, result.best_epoch
+    )

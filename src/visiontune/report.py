@@ -1,0 +1,155 @@
+"""Leaderboards and figures over runs in a store: for a sweep's parent and for visiontune-compare.
+
+Reads runs through an MLflow client; writes files only (the store layer logs them).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+COLUMNS = (
+    *("run", "model", "mode", "optimizer", "lr", "status", "best_val_acc", "best_epoch"),
+    *("train_seconds", "trainable_params", "run_id", "error"),
+)
+FIGURE_TITLE = "Validation accuracy vs. number of training epochs"
+
+
+def select_runs(client, experiment: str | None = None, parent: str | None = None, run_ids=()) -> list:
+    """Runs by experiment name (top-level and nested alike), by parent run id, or by ids."""
+    from visiontune import VisiontuneError, store
+
+    if run_ids:
+        return [client.get_run(run_id) for run_id in run_ids]
+    if parent:
+        return store.children_of(client, parent)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise VisiontuneError(f"no experiment named {experiment!r} in this store")
+    runs = client.search_runs([found.experiment_id], max_results=10_000)
+    return [r for r in runs if r.data.tags.get("visiontune.sweep") != "parent"]
+
+
+# A failed run's error in a table cell: its start says what went wrong; the tag keeps the rest.
+ERROR_CELL_LIMIT = 120
+# Swept keys that the fixed columns already show.
+SHOWN_KEYS = {"model", "mode", "optimizer", "optimizer.lr"}
+
+
+def swept_keys_of(client, runs: Sequence) -> list[str]:
+    """Other keys the runs' sweeps varied (batch_size, seed...), from their parents' sweep.varied tags."""
+    from mlflow.exceptions import MlflowException
+
+    parents = dict.fromkeys(
+        r.data.tags["mlflow.parentRunId"] for r in runs if "mlflow.parentRunId" in r.data.tags
+    )
+    keys: dict[str, None] = {}
+    for parent in parents:
+        try:
+            varied = client.get_run(parent).data.tags.get("sweep.varied", "")
+        except MlflowException:  # the parent was deleted: its children still compare
+            continue
+        keys.update(dict.fromkeys(key for key in varied.split(",") if key and key not in SHOWN_KEYS))
+    return list(keys)
+
+
+def leaderboard(client, runs: Sequence) -> tuple[list[dict], dict[str, list[float]]]:
+    """One row per run, best first (failed runs last), and each run's val accuracy per epoch.
+
+    Each key the runs' sweeps varied beyond model, mode, optimizer and lr gets a column after lr.
+    """
+    extra = swept_keys_of(client, runs)
+    rows, curves = [], {}
+    for run in runs:
+        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+        label = _label(run, curves)
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        curves[label] = [m.value for m in sorted(history, key=lambda m: m.step)]
+        seconds = client.get_metric_history(run.info.run_id, "epoch_seconds")
+        rows.append(
+            {
+                "run": label,
+                "model": params.get("model.name", tags.get("model", "")),
+                "mode": params.get("mode.name", tags.get("mode", "")),
+                # A run that failed early has tags but no params yet.
+                "optimizer": params.get("optimizer.name", tags.get("optimizer", "")),
+                "lr": params.get("optimizer.lr", tags.get("lr", "")),
+                **{key: params.get(key, tags.get(key, "")) for key in extra},
+                "status": run.info.status,
+                "best_val_acc": metrics.get("best_val_acc"),
+                "best_epoch": int(metrics["best_epoch"]) if "best_epoch" in metrics else None,
+                "train_seconds": round(sum(m.value for m in seconds), 1) if seconds else None,
+                "trainable_params": params.get("trainable_params", ""),
+                "run_id": run.info.run_id,
+                "error": tags.get("error", "")[:ERROR_CELL_LIMIT],
+            }
+        )
+    rows.sort(key=lambda r: (r["best_val_acc"] is None, -(r["best_val_acc"] or 0.0), r["run"]))
+    return rows, {label: values for label, values in curves.items() if values}
+
+
+def _label(run, taken: dict) -> str:
+    name = run.info.run_name or run.info.run_id[:8]
+    return name if name not in taken else f"{name} ({run.info.run_id[:6]})"
+
+
+def to_markdown(rows: Sequence[dict]) -> str:
+    shown = [c for c in (rows[0] if rows else COLUMNS) if c != "run_id"]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for row in rows:
+        cells = [_cell(row[c], "{:.1f}" if c == "train_seconds" else "{:.4f}") for c in shown]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value, float_format: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return float_format.format(value)
+    return str(value).replace("|", "/").replace("\n", " ")
+
+
+def to_csv(rows: Sequence[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_report(client, runs: Sequence, out_dir: Path) -> list[dict]:
+    """leaderboard.csv, leaderboard.md and val_acc_overlay.png in out_dir; returns the rows."""
+    rows, curves = leaderboard(client, runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "leaderboard.csv").write_text(to_csv(rows))
+    (out_dir / "leaderboard.md").write_text(to_markdown(rows))
+    figure = accuracy_curves(curves, FIGURE_TITLE)
+    figure.savefig(out_dir / "val_acc_overlay.png")
+    return rows
+
+
+def accuracy_curves(curves: Mapping[str, Sequence[float]], title: str):
+    """The tutorial's 'Validation Accuracy vs. Number of Training Epochs' figure, any number of lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on training machines
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for label, values in curves.items():
+        epochs = range(1, len(values) + 1)
+        ax.plot(epochs, values, marker="o" if len(values) < 30 else None, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("Training epochs")
+    ax.set_ylabel("Validation accuracy")
+    ax.set_ylim(0, 1.0)
+    longest = max((len(v) for v in curves.values()), default=1)
+    ax.set_xticks(range(1, longest + 1, max(1, longest // 15)))
+    if curves:
+        ax.legend(fontsize="small", loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
