@@ -224,3 +224,9 @@ def cpu_training(prepared, optimizer, epochs: int = 1, runtime=None, scheduler=N
         runtime=runtime,
         epochs=epochs,
     )
+
+
+@pytest.fixture(autouse=True)
+def no_store_from_earlier_tests(monkeypatch):
+    """mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI: no test inherits another's store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
