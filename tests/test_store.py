@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import mlflow
 import pytest
@@ -10,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import SPECS
-from visiontune import VisiontuneError, models, store
+from visiontune import VisiontuneError, models, redact, store
 
 
 @pytest.fixture
@@ -115,3 +116,30 @@ def test_processes_opening_a_new_store_at_once_leave_it_whole(tmp_path):
     client = MlflowClient(uri)
     (experiment,) = [e for e in client.search_experiments() if e.name == "shared"]
     client.create_run(experiment.experiment_id)  # the store takes writes
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("http://alice:s3cr3t@host:5000", "http://alice:***@host:5000"),
+        (
+            "error at https://u:p@h/x and postgresql://a:b@db/m",
+            "error at https://u:***@h/x and postgresql://a:***@db/m",
+        ),
+        ("https://h/x?token=abc&page=2&api_key=zz", "https://h/x?token=***&page=2&api_key=***"),
+        ("sqlite:////home/me/outputs/mlflow.db", "sqlite:////home/me/outputs/mlflow.db"),
+    ],
+)
+def test_credentials_are_redacted_wherever_text_is_shown(text, shown):
+    assert redact(text) == shown
+    assert redact(shown) == shown
+
+
+def test_a_password_in_the_uri_moves_where_mlflow_reads_credentials(monkeypatch, tmp_path):
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    assert store.tracking_uri("http://alice:s%40cret@127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == (
+        "alice",
+        "s@cret",
+    )

@@ -1,5 +1,7 @@
 """visiontune: fine-tune torchvision image classifiers from Hydra configs, tracked in MLflow."""
 
+import re
+
 __version__ = "0.1.0"
 
 
@@ -12,9 +14,21 @@ CAUSE_LIMIT = 500
 
 
 def user_message(err: BaseException) -> str:
-    """The error's own text, without the traceback a DataLoader worker wraps around it."""
+    """The error's own text, without the traceback a DataLoader worker wraps around it, redacted."""
     text = str(err) or type(err).__name__
     marker = f"{type(err).__name__}: "
     if "Original Traceback" in text and marker in text:
         text = text.rsplit(marker, 1)[1]
-    return text.strip()
+    return redact(text.strip())
+
+
+# user:password in a URI, and query parameters that carry a secret (?token=..., &api_key=...).
+_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)([^/@\s:]*):([^/@\s]*)@")
+_SECRET_QUERY = re.compile(
+    r"([?&](?:[\w.-]*token|[\w.-]*key|password|passwd|secret|sig|signature|auth)=)[^&#\s'\"]+", re.IGNORECASE
+)
+
+
+def redact(text: str) -> str:
+    """`text` with credentials in URIs replaced by ***: what may be printed, tagged or logged."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1\2:***@", text))

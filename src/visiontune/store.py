@@ -10,14 +10,17 @@ import contextlib
 import logging
 import os
 import signal
+import tempfile
 import threading
+import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from visiontune import CAUSE_LIMIT, VisiontuneError, user_message
+from visiontune import CAUSE_LIMIT, VisiontuneError, redact, user_message
 
 try:
     import fcntl
@@ -25,6 +28,10 @@ except ImportError:  # Windows: no advisory locks; stores there are opened ungua
     fcntl = None
 
 log = logging.getLogger(__name__)
+# MLflow announces creating and upgrading a store's tables at INFO, and logs a database error
+# with its traceback before raising it: we report each failure once, in one line (_writing).
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
 # MLflow refuses longer values (mlflow.utils.validation: params 6000, tags 8000 characters);
 # we shorten instead of failing the run.
@@ -32,6 +39,14 @@ PARAM_VALUE_LIMIT = 6000
 TAG_VALUE_LIMIT = 5000  # below MLflow's 8000, leaving room for the UI to show a tag whole
 ERROR_TAG = "error"
 SQLITE_PREFIX = "sqlite:///"
+# How long a run's end status is retried while another process holds the store (MLflow's SQLite
+# connections already wait 20 s per attempt): long enough to outlast a backup or a slow reader.
+END_RETRY_SECONDS = 120
+
+
+class StoreError(VisiontuneError):
+    """The store refused a write: locked, read-only, full, or gone."""
+
 
 # MLflow 3.x UIs choose between their GenAI and Model-training views from this experiment tag
 # (3.17's reads it when its workflow-type switch is off); visiontune-ui's link also asks for the latter.
@@ -41,10 +56,23 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 def tracking_uri(configured: str | None, launch_dir: Path) -> str:
     """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite store in <launch dir>/outputs."""
     if configured:
-        return str(configured)
+        return _credentials_to_env(str(configured))
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return _credentials_to_env(os.environ["MLFLOW_TRACKING_URI"])
     return f"{SQLITE_PREFIX}{(launch_dir / 'outputs' / 'mlflow.db').resolve()}"
+
+
+def _credentials_to_env(uri: str) -> str:
+    """http://user:password@host -> http://host, the credentials where MLflow's client reads them.
+
+    A URI with credentials would otherwise reach MLflow's "View run at ..." lines and our logs.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username or ""))
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password or ""))
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -104,6 +132,7 @@ def ensure_experiment(uri: str, name: str) -> str:
             f"cannot use the MLflow store mlflow.tracking_uri={uri}: {user_message(err)[:CAUSE_LIMIT]}. "
             f"Check the URI (sqlite:///abs/path.db, http://host:port) or unset it for outputs/mlflow.db."
         ) from err
+    _check_artifacts_writable(uri)
     if experiment is None:
         try:
             location = artifact_location(uri)
@@ -117,6 +146,23 @@ def ensure_experiment(uri: str, name: str) -> str:
         if key not in experiment.tags:  # an experiment made by plain MLflow
             client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
+
+
+def _check_artifacts_writable(uri: str) -> None:
+    """A local store's artifact folder takes files: checked before a run exists, not after training."""
+    location = artifact_location(uri)
+    if location is None:
+        return
+    folder = Path(urllib.parse.urlsplit(location).path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise StoreError(
+            f"cannot write artifacts to {folder} ({err.strerror}): make it writable, or point "
+            f"mlflow.tracking_uri at a store whose folder is"
+        ) from err
 
 
 @contextlib.contextmanager
@@ -142,6 +188,46 @@ def deferred_interrupt() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _writing(what: str) -> Iterator[None]:
+    """A write to the store: never cut in half by Ctrl-C, and a failure is one line, not a traceback."""
+    try:
+        with deferred_interrupt():
+            yield
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        raise StoreError(_fault(what, err)) from err
+    except Exception as err:
+        if type(err).__module__.split(".")[0] != "sqlalchemy":
+            raise
+        raise StoreError(_fault(what, err)) from err
+
+
+def _fault(what: str, err: BaseException) -> str:
+    uri = mlflow.get_tracking_uri()
+    where = sqlite_path(uri) or uri
+    cause = _root_cause(err)
+    return (
+        f"cannot {what} in the MLflow store {where}: {cause}. Check that it exists, is writable, "
+        f"has free disk space and that no other program holds it locked."
+    )
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost error's first line: the database's own words (`database is locked`)."""
+    while True:
+        inner = getattr(err, "orig", None) or err.__cause__
+        if inner is None or inner is err:
+            break
+        err = inner
+    lines = user_message(err).splitlines() or [type(err).__name__]
+    return lines[0][:CAUSE_LIMIT]
+
+
+def _busy(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "locked" in text or "busy" in text
+
+
 # --- one training run ---------------------------------------------------------------------------
 
 
@@ -151,23 +237,58 @@ def tracked_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that ends FINISHED, FAILED (error tag set) or KILLED, whatever happens inside."""
     mlflow.set_tracking_uri(uri)
-    with deferred_interrupt():
+    with _writing("start a run"):
         run = mlflow.start_run(
             experiment_id=experiment_id, run_name=run_name, tags=dict(tags), parent_run_id=parent_run_id
         )
     try:
         yield run
     except KeyboardInterrupt:
-        with deferred_interrupt():
-            mlflow.end_run("KILLED")
+        end_run(run.info.run_id, "KILLED")
         raise
     except BaseException as err:
-        with deferred_interrupt():
-            mlflow.set_tag(ERROR_TAG, shorten(user_message(err), PARAM_VALUE_LIMIT))
-            mlflow.end_run("FAILED")
+        end_run(run.info.run_id, "FAILED", user_message(err))
         raise
-    with deferred_interrupt():
-        mlflow.end_run("FINISHED")
+    end_run(run.info.run_id, "FINISHED")
+
+
+def end_run(run_id: str, status: str, error: str | None = None) -> None:
+    """Record the run's true end, retrying while the store is busy; it never stays the active run.
+
+    MLflow ends a run still active at exit as FINISHED: a failed run whose FAILED could not be
+    written would be recorded as a success, and the next job of a sweep could not start its own.
+    """
+    if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run_id:
+        mlflow.tracking.fluent._active_run_stack.get().pop()  # no public call leaves without writing
+    client = MlflowClient()
+    try:
+        if error is not None:
+            _retry(lambda: client.set_tag(run_id, ERROR_TAG, shorten(error, PARAM_VALUE_LIMIT)))
+        _retry(lambda: client.set_terminated(run_id, status))
+        if status != "FINISHED":
+            log.info("MLflow run %s %s", run_id, status)
+    except Exception as err:
+        was = f" (it failed: {shorten(error, CAUSE_LIMIT)})" if error else ""
+        raise StoreError(
+            f"could not record MLflow run {run_id} as {status}{was}: {_root_cause(err)}. "
+            f"The store still shows it RUNNING; once the store is writable again, delete it "
+            f"(mlflow runs delete --run-id {run_id}) or keep it as a record of the attempt."
+        ) from err
+
+
+def _retry(write) -> None:
+    """`write()`, again with growing pauses while the store is busy, until END_RETRY_SECONDS pass."""
+    deadline, pause = time.monotonic() + END_RETRY_SECONDS, 1.0
+    while True:
+        try:
+            with deferred_interrupt():
+                return write()
+        except Exception as err:
+            if not _busy(err) or time.monotonic() + pause > deadline:
+                raise
+            log.warning("the MLflow store is busy; retrying in %.0f s", pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 15.0)
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
@@ -190,27 +311,29 @@ def shorten(value: object, limit: int = PARAM_VALUE_LIMIT) -> str:
 
 
 def log_params(params: Mapping[str, object]) -> None:
-    with deferred_interrupt():
+    with _writing("log params"):
         mlflow.log_params({key: shorten(value) for key, value in params.items()})
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    with deferred_interrupt():
+    with _writing("log metrics"):
         mlflow.log_metrics(dict(metrics), step=step)
 
 
 def log_figure(figure, name: str) -> None:
-    with deferred_interrupt():
+    with _writing(f"save {name}"):
         mlflow.log_figure(figure, name)
 
 
 def log_files(path: Path, artifact_path: str | None = None) -> None:
-    """A file, or a folder's files under `artifact_path`, as artifacts of the active run."""
-    with deferred_interrupt():
-        if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path)
-        elif path.is_file():
-            mlflow.log_artifact(str(path), artifact_path)
+    """A text file, or a folder's, as artifacts of the active run, with credentials redacted."""
+    files = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        return
+    with tempfile.TemporaryDirectory() as tmp, _writing(f"save {path.name}"):
+        for file in files:
+            (Path(tmp) / file.name).write_text(redact(file.read_text(errors="replace")))
+        mlflow.log_artifacts(tmp, artifact_path)
 
 
 class _KnownPickleChoice(logging.Filter):
@@ -234,7 +357,7 @@ def log_model(model, example) -> str:
     with torch.inference_mode():
         prediction = model(example)
     signature = infer_signature(example.numpy(), prediction.numpy())
-    with deferred_interrupt():
+    with _writing("save the model"):
         info = mlflow.pytorch.log_model(
             model,
             name="model",

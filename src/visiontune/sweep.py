@@ -111,7 +111,7 @@ class MlflowSweep(Callback):
             _fail(f"{len(failed)} of {total} jobs failed: {', '.join(failed)}")
 
     def _open_parent(self, config: DictConfig) -> None:
-        from visiontune import store
+        from visiontune import redact, store
 
         check_sweeper(config.hydra.sweeper)
         launch_dir = Path(config.hydra.runtime.cwd)
@@ -128,7 +128,7 @@ class MlflowSweep(Callback):
         tags = {
             "visiontune.sweep": "parent",
             "sweep.varied": ",".join(varied),
-            "sweep.overrides": store.shorten(" ".join(overrides), store.TAG_VALUE_LIMIT),
+            "sweep.overrides": store.shorten(redact(" ".join(overrides)), store.TAG_VALUE_LIMIT),
             "sweep.dir": str(sweep_dir),
         }
         name = f"sweep-{'-'.join(varied) or 'jobs'}-{sweep_dir.name}"
