@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +232,50 @@ def cpu_training(prepared, optimizer, epochs: int = 1, runtime=None, scheduler=N
 def no_store_from_earlier_tests(monkeypatch):
     """mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI: no test inherits another's store."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    try:
+        with opener.open(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def background_server(command: list[str], cwd: Path, env: dict, health_url: str, log_path: Path):
+    """A real server process on localhost, up once `health_url` answers, stopped at the end."""
+    import signal
+    import time
+
+    with open(log_path, "w") as log:
+        # Its own session, so teardown can stop uvicorn and any helper it spawned in one signal.
+        output = {"stdout": log, "stderr": subprocess.STDOUT}
+        server = subprocess.Popen(command, cwd=cwd, env=env, **output, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not answers(health_url):
+            assert server.poll() is None, (
+                f"{command[2]} exited {server.returncode}:\n{log_path.read_text()[-3000:]}"
+            )
+            assert time.monotonic() < deadline, (
+                f"{command[2]} silent for 60 s:\n{log_path.read_text()[-3000:]}"
+            )
+            time.sleep(0.5)
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=15)

@@ -14,18 +14,15 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, background_server, free_port
 from visiontune.ui import TRAINING_VIEW
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -81,59 +78,35 @@ def sweep(tiny_sweep):
 # --- the server: the real `mlflow ui` ----------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-    try:
-        with opener.open(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def ui(sweep, tmp_path_factory):
     """The README's `visiontune-ui`, run in the sweep's launch dir; its URL and the link it prints."""
-    port = _free_port()
-    launch_dir = sweep.store.parent.parent
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     log_path = tmp_path_factory.mktemp("mlflow-ui") / "visiontune-ui.log"
-    with open(log_path, "w") as log:
-        # Its own session, so teardown can stop uvicorn and any helper it spawned in one signal.
-        command = [sys.executable, "-m", "visiontune.ui", "--port", str(port)]
-        output = {"stdout": log, "stderr": subprocess.STDOUT}
-        server = subprocess.Popen(command, cwd=launch_dir, env=env, **output, start_new_session=True)
+    command = [sys.executable, "-m", "visiontune.ui", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while not _answers(f"{url}/health"):
-            assert server.poll() is None, (
-                f"visiontune-ui exited {server.returncode}:\n{log_path.read_text()[-3000:]}"
-            )
-            assert time.monotonic() < deadline, (
-                f"visiontune-ui silent for 60 s:\n{log_path.read_text()[-3000:]}"
-            )
-            time.sleep(0.5)
+    with background_server(command, sweep.store.parent.parent, env, f"{url}/health", log_path):
         (link,) = [
             line.removeprefix("open ")
             for line in log_path.read_text().splitlines()
             if line.startswith("open ")
         ]
         yield SimpleNamespace(url=url, link=link)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=15)
+
+
+def test_a_taken_port_is_refused_in_one_line(sweep):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "visiontune.ui", "--port", str(port)],
+            **{"cwd": sweep.store.parent.parent, "capture_output": True, "text": True, "timeout": 60},
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"visiontune-ui: error: port {port} on 127.0.0.1 is taken: pass --port N"
+    assert "open http" not in result.stdout, "no link to whatever else listens there"
 
 
 # --- the browser: Debian's Chromium, a fresh profile per test ----------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ QUIET = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    # The server's own libraries warn about their deprecations: nothing a user of the UI can act on.
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
 }
 
 
@@ -42,6 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if store.missing_store(uri):
         parser.error(f"no MLflow store at {uri}: run visiontune-train here first, or pass --tracking-uri")
+    if not _can_listen(args.host, args.port):
+        print(
+            f"visiontune-ui: error: port {args.port} on {args.host} is taken: pass --port N", file=sys.stderr
+        )
+        return 1
     # Upgrading an older store here, under visiontune's lock, keeps the UI's own start-up from
     # migrating it while a training run opens it too.
     experiment = store.open_store(uri).get_experiment_by_name(args.experiment)
@@ -52,6 +60,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     command += ["--host", args.host, "--port", str(args.port), "--workers", "1"]
     os.execvpe(sys.executable, command, os.environ | QUIET)
     return 0  # not reached: the MLflow UI replaces this process
+
+
+def _can_listen(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (as uvicorn does, reusing TIME_WAIT ports)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 if __name__ == "__main__":
