@@ -59,35 +59,43 @@ def leaderboard(client, runs: Sequence) -> tuple[list[dict], dict[str, list[floa
     """One row per run, best first (failed runs last), and each run's val accuracy per epoch.
 
     Each key the runs' sweeps varied beyond model, mode, optimizer and lr gets a column after lr.
+    Runs on different data are not comparable: a data column then groups them, each group ranked.
     """
     extra = swept_keys_of(client, runs)
     rows, curves = [], {}
     for run in runs:
-        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
         label = _label(run, curves)
         history = client.get_metric_history(run.info.run_id, "val_acc")
         curves[label] = [m.value for m in sorted(history, key=lambda m: m.step)]
         seconds = client.get_metric_history(run.info.run_id, "epoch_seconds")
-        rows.append(
-            {
-                "run": label,
-                "model": params.get("model.name", tags.get("model", "")),
-                "mode": params.get("mode.name", tags.get("mode", "")),
-                # A run that failed early has tags but no params yet.
-                "optimizer": params.get("optimizer.name", tags.get("optimizer", "")),
-                "lr": params.get("optimizer.lr", tags.get("lr", "")),
-                **{key: params.get(key, tags.get(key, "")) for key in extra},
-                "status": run.info.status,
-                "best_val_acc": metrics.get("best_val_acc"),
-                "best_epoch": int(metrics["best_epoch"]) if "best_epoch" in metrics else None,
-                "train_seconds": round(sum(m.value for m in seconds), 1) if seconds else None,
-                "trainable_params": params.get("trainable_params", ""),
-                "run_id": run.info.run_id,
-                "error": tags.get("error", "")[:ERROR_CELL_LIMIT],
-            }
-        )
-    rows.sort(key=lambda r: (r["best_val_acc"] is None, -(r["best_val_acc"] or 0.0), r["run"]))
+        rows.append(_row(run, label, extra, seconds))
+    datasets = {row["data"] for row in rows}
+    rows.sort(key=lambda r: (r["data"], r["best_val_acc"] is None, -(r["best_val_acc"] or 0.0), r["run"]))
+    if len(datasets) == 1:
+        for row in rows:
+            del row["data"]
     return rows, {label: values for label, values in curves.items() if values}
+
+
+def _row(run, label: str, extra: list[str], seconds: list) -> dict:
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    # A run that failed early has tags but no params yet.
+    return {
+        "run": label,
+        "model": params.get("model.name", tags.get("model", "")),
+        "mode": params.get("mode.name", tags.get("mode", "")),
+        "data": params.get("data.root", tags.get("data", "")),
+        "optimizer": params.get("optimizer.name", tags.get("optimizer", "")),
+        "lr": params.get("optimizer.lr", tags.get("lr", "")),
+        **{key: params.get(key, tags.get(key, "")) for key in extra},
+        "status": run.info.status,
+        "best_val_acc": metrics.get("best_val_acc"),
+        "best_epoch": int(metrics["best_epoch"]) if "best_epoch" in metrics else None,
+        "train_seconds": round(sum(m.value for m in seconds), 1) if seconds else None,
+        "trainable_params": params.get("trainable_params", ""),
+        "run_id": run.info.run_id,
+        "error": tags.get("error", "")[:ERROR_CELL_LIMIT],
+    }
 
 
 def _label(run, taken: dict) -> str:
@@ -96,7 +104,7 @@ def _label(run, taken: dict) -> str:
 
 
 def to_markdown(rows: Sequence[dict]) -> str:
-    shown = [c for c in (rows[0] if rows else COLUMNS) if c != "run_id"]
+    shown = list(rows[0] if rows else COLUMNS)
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
         cells = [_cell(row[c], "{:.1f}" if c == "train_seconds" else "{:.4f}") for c in shown]
@@ -148,8 +156,8 @@ def accuracy_curves(curves: Mapping[str, Sequence[float]], title: str):
     ax.set_ylim(0, 1.0)
     longest = max((len(v) for v in curves.values()), default=1)
     ax.set_xticks(range(1, longest + 1, max(1, longest // 15)))
-    if curves:
-        ax.legend(fontsize="small", loc="lower right")
+    if curves:  # beside the axes, where it hides no curve however many runs there are
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
