@@ -34,7 +34,7 @@ def test_an_aux_loss_weight_needs_an_aux_head():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("epochs=0", "epochs=0 must be a positive number"),
+        ("epochs=0", "epochs=0 must be a positive whole number"),
         ("optimizer.lr=-1", "optimizer.lr=-1 must be a positive number"),
         ("precision=fp8", "precision=fp8 must be one of off, bf16, fp16"),
         ("model.input_size=64", "model.input_size=64 is too small for inception"),

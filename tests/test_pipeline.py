@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
-from conftest import FAST, SHARED_DATA, interrupt_once_training, make_image_folder, run_cli, store_runs
+from conftest import (
+    FAST,
+    SHARED_DATA,
+    cli_env,
+    interrupt_once_training,
+    make_image_folder,
+    run_cli,
+    store_runs,
+)
+
+# Python refuses to import torch in a process run with this: config checks must not need it.
+NO_TORCH = {"PYTHONPATH": str(Path(__file__).parent / "no_torch")}
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +29,10 @@ def workspace(tmp_path_factory, tiny_folder):
         cwd, f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST[1:], "epochs=2"
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = store_runs(cwd / "outputs" / "mlflow.db")
+    # What a user reads at the end: the run and its model, and no MLflow chatter about tables.
+    assert f"MLflow run {run.info.run_id} FINISHED; its model: runs:/{run.info.run_id}/model" in result.stderr
+    assert "database tables" not in result.stderr
     return cwd
 
 
@@ -70,9 +86,6 @@ def test_run_records_params_metrics_and_a_loadable_model(workspace, tiny_folder)
 
 BAD_INPUTS = {
     "missing root": (["data.root=/nonexistent/photos"], "data.root=/nonexistent/photos does not exist"),
-    "epochs": (["epochs=0"], "epochs=0 must be a positive number"),
-    "batch size": (["batch_size=-2"], "batch_size=-2 must be a positive number"),
-    "lr": (["optimizer.lr=0"], "optimizer.lr=0 must be a positive number"),
     "weights file": (["mode=feature_extract", "model.weights=/no/such.pth"], "no such file"),
 }
 
@@ -93,6 +106,46 @@ def test_bad_input_fails_clearly_and_keeps_the_store(workspace, tiny_folder, cas
     assert failed[0] == "FAILED"
     (new_run,) = [r for r in store_runs(workspace / "outputs" / "mlflow.db") if r.info.run_id not in before]
     assert message in new_run.data.tags["error"]
+    assert f"MLflow run {new_run.info.run_id} FAILED" in result.stderr
+
+
+CONFIG_MISTAKES = {
+    "epochs=0": "epochs=0 must be a positive whole number, e.g. epochs=15",
+    "epochs=2.5": "epochs=2.5 must be a positive whole number",
+    "batch_size=4.5": "batch_size=4.5 must be a positive whole number",
+    "batch_size=-2": "batch_size=-2 must be a positive whole number",
+    "optimizer.lr=0": "optimizer.lr=0 must be a positive number",
+    "optimizer.lr='0.001'": "optimizer.lr='0.001' is a string",
+    "device=gpu": "device=gpu is not a device: use auto, cpu, cuda, cuda:N or mps",
+    "precision=fp8": "precision=fp8 must be one of off, bf16, fp16",
+    "epoch=3": "unknown key epoch; did you mean epochs?",
+    "lr=0.01": "unknown key lr; did you mean optimizer.lr?",
+    "data.root=/data/café": """'data.root="/data/café"'""",
+    "data.root=/data/a&b": """'data.root="/data/a&b"'""",
+}
+
+
+@pytest.mark.parametrize("override", CONFIG_MISTAKES)
+def test_config_mistakes_are_one_line_and_record_nothing(workspace, tiny_folder, override):
+    """Caught from the config alone: no run in the store, no torch imported, about a second."""
+    before = snapshot(workspace)
+    data = [f"data.root={tiny_folder}", "data=imagefolder"]
+    result = run_cli(workspace, *data, "mode=scratch", *FAST, override, env=cli_env(workspace) | NO_TORCH)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and CONFIG_MISTAKES[override] in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert snapshot(workspace) == before, "no FAILED run for a typo"
+
+
+def test_a_quoted_root_with_non_ascii_letters_trains(tmp_path, tiny_folder):
+    """The form the error message advises works."""
+    root = tmp_path / "café & co"
+    shutil.copytree(tiny_folder, root)
+    result = run_cli(tmp_path, f'data.root="{root}"', "data=imagefolder", "mode=scratch", *FAST)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
+    assert run.data.params["data.root"] == str(root)
 
 
 def _broken_folder(tmp_path, kind):
@@ -107,6 +160,10 @@ def _broken_folder(tmp_path, kind):
             f.unlink()
     elif kind == "corrupt":
         (root / "val" / "bees" / "bad.jpg").write_bytes(b"\x00" * 100)
+    elif kind == "truncated":  # the header parses, the pixels do not: found only when decoding
+        good = next((root / "train" / "ants").glob("*.jpg"))
+        whole = good.read_bytes()
+        (root / "train" / "ants" / "cut.jpg").write_bytes(whole[: whole.index(b"\xff\xda") + 20])
     return root
 
 
@@ -141,6 +198,18 @@ def test_skip_bad_images_trains_without_them(workspace, tmp_path):
     (new,) = [r for r in store_runs(workspace / "outputs" / "mlflow.db") if r.info.run_id not in before]
     assert new.info.status == "FINISHED"
     assert new.data.params["skipped_images"] == "1" and new.data.params["val_images"] == "4"
+    assert new.data.metrics["skipped_images"] == 1
+
+
+def test_images_that_fail_only_at_decode_are_counted_as_skipped(workspace, tmp_path):
+    root = _broken_folder(tmp_path, "truncated")
+    before = snapshot(workspace)
+    data = [f"data.root={root}", "data=imagefolder", "data.skip_bad_images=true"]
+    result = run_cli(workspace, *data, "mode=scratch", *FAST)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (new,) = [r for r in store_runs(workspace / "outputs" / "mlflow.db") if r.info.run_id not in before]
+    assert new.data.params["skipped_images"] == "0", "its header is fine"
+    assert new.data.metrics["skipped_images"] == 1, "counted when it failed to decode"
 
 
 @pytest.mark.parametrize("group", ["model", "mode", "data", "optimizer"])
@@ -254,3 +323,147 @@ def test_cli_starts_without_importing_torch_or_mlflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_store_locked_mid_run_never_records_the_run_as_finished(tmp_path, tiny_folder):
+    """Another program holds the SQLite file past MLflow's 20 s wait: FAILED once it lets go."""
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    from conftest import has_metric
+
+    args = [f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST[1:], "epochs=500"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "visiontune.cli", *args],
+        **{"cwd": tmp_path, "env": cli_env(tmp_path), "stderr": subprocess.PIPE, "text": True},
+    )
+    store = tmp_path / "outputs" / "mlflow.db"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not has_metric(store, "val_acc"):
+            time.sleep(0.2)
+        holder = sqlite3.connect(store, timeout=30, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        time.sleep(45)  # past MLflow's 20 s busy timeout: the next write fails
+        holder.execute("ROLLBACK")
+        holder.close()
+        _, stderr = process.communicate(timeout=180)
+    finally:
+        process.kill()
+    assert process.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "database is locked" in errors[0] and str(store) in errors[0], stderr[-2000:]
+    (run,) = store_runs(store)
+    assert run.info.status == "FAILED" and "database is locked" in run.data.tags["error"]
+
+
+def test_four_launches_in_the_same_second_keep_their_own_folders(tmp_path, tiny_folder):
+    import subprocess
+    import sys
+
+    args = [f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST, "mlflow.log_model=false"]
+    launches = [
+        subprocess.Popen(
+            [sys.executable, "-m", "visiontune.cli", *args, f"seed={seed}"],
+            **{"cwd": tmp_path, "env": cli_env(tmp_path), "stderr": subprocess.PIPE, "text": True},
+        )
+        for seed in (1, 2, 3, 4)
+    ]
+    errors = [launch.communicate(timeout=300)[1] for launch in launches]
+    assert [launch.returncode for launch in launches] == [0, 0, 0, 0], errors
+    runs = store_runs(tmp_path / "outputs" / "mlflow.db")
+    assert len(runs) == 4
+    assert len(list((tmp_path / "outputs" / "runs").glob("*/*"))) == 4, "a folder each"
+    for run in runs:
+        seed = run.data.params["seed"]
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+        config = Path(client.download_artifacts(run.info.run_id, "hydra/config.yaml")).read_text()
+        assert f"seed: {seed}\n" in config, "the logged config is this run's own"
+        log = Path(client.download_artifacts(run.info.run_id, "train.log")).read_text()
+        assert log.count("best val acc") == 1, "the log holds this run alone"
+
+
+def _immutable(path: Path) -> bool:
+    """chattr +i: even root cannot write it (file permissions do not stop root)."""
+    import subprocess
+
+    return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def immutable():
+    import subprocess
+
+    marked: list[Path] = []
+
+    def mark(path: Path) -> None:
+        if not _immutable(path):
+            pytest.skip("this file system has no immutable flag (chattr +i)")
+        marked.append(path)
+
+    yield mark
+    for path in marked:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+@pytest.mark.parametrize("what", ["store", "artifacts"])
+def test_an_unwritable_store_is_one_line_and_loses_nothing(tmp_path, tiny_folder, immutable, what):
+    args = [f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST, "mlflow.log_model=false"]
+    assert run_cli(tmp_path, *args).returncode == 0
+    before = snapshot(tmp_path)
+    outputs = tmp_path / "outputs"
+    immutable(outputs / "mlflow.db" if what == "store" else outputs / "mlartifacts")
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    named = outputs / "mlflow.db" if what == "store" else outputs / "mlartifacts"
+    assert str(named) in errors[0], errors
+    assert snapshot(tmp_path) == before
+
+
+def test_scratch_says_it_does_not_use_the_weights_given(tmp_path, tiny_folder, standin_weights):
+    args = [f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST, "mlflow.log_model=false"]
+    result = run_cli(tmp_path, *args, f"model.weights={standin_weights('squeezenet1_0')}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mode=scratch starts from random weights: the model.weights given is not used" in result.stderr
+
+
+def test_credentials_in_the_tracking_uri_are_never_recorded_or_printed(tmp_path, tiny_folder):
+    """A real `mlflow server` on localhost, reached through a URI that carries a password."""
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import background_server, free_port
+
+    port, server_dir = free_port(), tmp_path / "server"
+    server_dir.mkdir()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}", "--workers", "1"]
+    command += ["--artifacts-destination", str(server_dir / "artifacts")]
+    env = cli_env(tmp_path) | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    data = [f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST, "mlflow.log_model=false"]
+    with background_server(command, server_dir, env, f"http://127.0.0.1:{port}/health", tmp_path / "log"):
+        result = run_cli(tmp_path, *data, f"mlflow.tracking_uri=http://alice:s3cr3t@127.0.0.1:{port}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        (run,) = client.search_runs([client.get_experiment_by_name("visiontune").experiment_id])
+        logged = [client.download_artifacts(run.info.run_id, p) for p in ("hydra", "train.log")]
+        texts = [
+            p.read_text()
+            for path in logged
+            for p in ([Path(path)] if Path(path).is_file() else Path(path).iterdir())
+        ]
+    recorded = [result.stdout, result.stderr, str(run.data.tags), str(run.data.params), *texts]
+    assert not [text for text in recorded if "s3cr3t" in text]
+    assert run.data.tags["mlflow.tracking_uri"] == f"http://alice:***@127.0.0.1:{port}"
+    assert any("alice:***@" in text for text in texts), (
+        "the logged config says which server, not how to log in"
+    )

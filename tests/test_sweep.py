@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +59,8 @@ def test_multirun_is_one_parent_with_its_jobs_as_children(tmp_path, tiny_folder,
     assert sorted(c.info.run_name for c in children) == ["resnet-scratch", "squeezenet-scratch"]
     assert all(c.info.status == "FINISHED" for c in children)
     assert {c.data.tags["model"] for c in children} == {"squeezenet", "resnet"}
+    epoch_lines = [line for line in result.stderr.splitlines() if "epoch 1/1" in line]
+    assert sorted(line[:3] for line in epoch_lines) == ["#0 ", "#1 "], "each job's lines say which job"
 
     rows = summary(tmp_path, parent)
     assert [r["run"] for r in rows] == [
@@ -183,12 +186,34 @@ def test_sweep_on_an_unusable_store_stops_before_any_job(tmp_path, tiny_folder):
     assert "Traceback" not in result.stderr
 
 
-def test_a_summary_that_cannot_be_written_fails_the_parent_with_one_message(tmp_path, tiny_folder):
+def test_an_artifact_folder_that_cannot_be_written_stops_the_sweep_before_any_job(tmp_path, tiny_folder):
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "mlartifacts").write_text("a file where the artifact folder belongs")
     result = sweep(tmp_path, tiny_folder, "model=squeezenet", "mode=scratch")
     assert result.returncode == 1
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "cannot write artifacts to" in errors[0], errors
+    assert store_runs(tmp_path / "outputs" / "mlflow.db") == [], "no job ran, no run was recorded"
+
+
+def test_a_summary_that_cannot_be_written_fails_the_parent_with_one_message(tmp_path, capsys):
+    """The real callback on a real store whose parent's artifact folder is taken by a file."""
+    from mlflow.tracking import MlflowClient
+
+    from visiontune import store
+    from visiontune.sweep import MlflowSweep
+
+    uri = store.tracking_uri(None, tmp_path)
+    parent = store.ParentRun.start(uri, store.ensure_experiment(uri, "visiontune"), "sweep-x", {})
+    artifacts = MlflowClient(uri).get_run(parent.run_id).info.artifact_uri.removeprefix("file://")
+    Path(artifacts).parent.mkdir(parents=True)
+    Path(artifacts).write_text("a file where the parent's artifacts belong")
+    callback = MlflowSweep()
+    callback.parent = parent
+    with pytest.raises(SystemExit) as stopped:
+        callback.on_multirun_end(config=None)
+    assert stopped.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "the sweep's summary could not be written" in errors[0], errors
-    parent, _ = parent_and_children(tmp_path)
-    assert parent.info.status == "FAILED" and "summary could not be written" in parent.data.tags["error"]
+    ended = MlflowClient(uri).get_run(parent.run_id)
+    assert ended.info.status == "FAILED" and "summary could not be written" in ended.data.tags["error"]

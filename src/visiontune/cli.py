@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
 
 import hydra
@@ -15,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from visiontune import VisiontuneError, user_message
+from visiontune import VisiontuneError, config, user_message
 
 log = logging.getLogger("visiontune")
 
@@ -29,9 +30,14 @@ PLUGIN_OPTIONS = (
 @hydra.main(version_base="1.3", config_path="pkg://visiontune.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train one configuration; returns its best validation accuracy (for sweepers)."""
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    hydra = HydraConfig.get()
+    multirun = hydra.mode == RunMode.MULTIRUN
+    if multirun:  # jobs of a parallel sweep share one console
+        _prefix_console(f"#{hydra.job.num} ")
     try:
-        from visiontune import pipeline
+        if not multirun:  # a bad value is refused before any run is recorded (a sweep's job records it)
+            config.check_values(cfg)
+        from visiontune import pipeline  # torch and mlflow: only once the config is known to be good
 
         return pipeline.run(cfg)
     except VisiontuneError as err:
@@ -55,10 +61,32 @@ def cli() -> None:
     Without the plugin Hydra only says it cannot find 'hydra/sweeper/optuna'; this says what to
     install instead.
     """
+    # Read by conf/train.yaml: runs launched in the same second still get folders of their own.
+    os.environ["VISIONTUNE_LAUNCH_ID"] = str(os.getpid())
     for option, module, extra in PLUGIN_OPTIONS:
         if option in sys.argv[1:] and importlib.util.find_spec(module) is None:
             sys.exit(f'error: {option} needs a Hydra plugin that is not installed: pip install "{extra}"')
+    try:
+        config.check_command_line(sys.argv[1:])
+    except VisiontuneError as err:
+        sys.exit(f"error: {user_message(err)}")
     main()
+
+
+def _prefix_console(prefix: str) -> None:
+    """Start every console line of this job with `prefix`, so parallel jobs' lines tell apart."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setFormatter(_Prefixed(prefix, handler.formatter))
+
+
+class _Prefixed(logging.Formatter):
+    def __init__(self, prefix: str, inner: logging.Formatter | None):
+        super().__init__()
+        self.prefix, self.inner = prefix, inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.prefix + self.inner.format(record)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ get names, types and limits.
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -73,14 +75,19 @@ def model_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def check_values(cfg: DictConfig) -> None:
-    """Refuse values no training can use, naming the key, the value and the fix."""
-    for key, example in (("epochs", 15), ("batch_size", 8), ("optimizer.lr", 0.001)):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise VisiontuneError(f"{key}={value} must be a positive number, e.g. {key}={example}")
+    """Refuse values no training can use, naming the key, the value and the fix.
+
+    Needs neither torch nor the store: a typo is answered at once and leaves no run behind.
+    """
+    for key, example in (("epochs", 15), ("batch_size", 8)):
+        _check_number(key, OmegaConf.select(cfg, key), example, whole=True)
+    _check_number("optimizer.lr", cfg.optimizer.lr, 0.001, whole=False)
     spec = model_spec(cfg.model)
-    if cfg.model.input_size < spec.min_input_size:
+    if spec.input_size < spec.min_input_size:
         raise VisiontuneError(
             f"model.input_size={spec.input_size} is too small for {spec.name}: it needs at least "
             f"{spec.min_input_size} px (model.input_size={spec.min_input_size})"
@@ -89,9 +96,95 @@ def check_values(cfg: DictConfig) -> None:
         raise VisiontuneError(f"num_workers={cfg.num_workers} must be auto or a whole number, 0 or more")
     if str(cfg.precision) not in PRECISIONS:
         raise VisiontuneError(f"precision={cfg.precision} must be one of {', '.join(PRECISIONS)}")
+    if not DEVICE.fullmatch(str(cfg.device)):
+        raise VisiontuneError(f"device={cfg.device} is not a device: use auto, cpu, cuda, cuda:N or mps")
     mode = mode_of(cfg.mode)
     if mode.pretrained and cfg.model.weights is None:
         raise VisiontuneError(
             f"mode={mode.name} starts from pretrained weights but model.weights is null: "
             f"set model.weights=DEFAULT or a state-dict path, or use mode=scratch"
         )
+
+
+def _check_number(key: str, value, example, whole: bool) -> None:
+    if isinstance(value, str):
+        raise VisiontuneError(
+            f"{key}={value!r} is a string (quoted on the command line?); it must be a number, "
+            f"e.g. {key}={example}"
+        )
+    kind = "whole number" if whole else "number"
+    valid = int if whole else int | float
+    if not isinstance(value, valid) or isinstance(value, bool) or value <= 0:
+        raise VisiontuneError(f"{key}={value} must be a positive {kind}, e.g. {key}={example}")
+
+
+# --- the command line, before Hydra reads it ------------------------------------------------------
+
+GROUPS = ("model", "mode", "data", "optimizer", "scheduler", "search")
+
+
+def check_command_line(args: list[str]) -> None:
+    """Override mistakes that Hydra answers with a parser error or with advice that misleads.
+
+    Hydra meets `epoch=3` with "use +epoch=3", which adds a key nothing reads and trains the
+    default 15 epochs; an unquoted `data.root` with a non-ASCII letter or `&` gets a lexer error.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    overrides = []
+    for text in (a for a in args if "=" in a and not a.startswith("-")):
+        try:
+            overrides.extend(parser.parse_overrides([text]))
+        except OverrideParseException:
+            key, _, value = text.partition("=")
+            raise VisiontuneError(
+                f"{text}: Hydra cannot read this value unquoted (non-ASCII letters and characters such "
+                f"as & ( ) need quotes). Quote it inside shell quotes: '{key}=\"{value}\"'"
+            ) from None
+    plain = [o for o in overrides if o.type == OverrideType.CHANGE and o.package is None]
+    choices = {o.key_or_group: o for o in plain if o.key_or_group in GROUPS}
+    known = _known_keys([f"{g}={_first_value(o)}" for g, o in choices.items()])
+    if known is None:  # the groups themselves do not compose: Hydra's own message says why
+        return
+    for override in plain:
+        key = override.key_or_group
+        group = key.split(".")[0]
+        if key in GROUPS or "/" in key or group == "hydra" or key in known:
+            continue
+        if group in choices and choices[group].is_sweep_override():  # keys differ per swept option
+            continue
+        leaf = key.rsplit(".", 1)[-1]  # lr -> optimizer.lr
+        known = {k for k in known if not k.startswith("_") and "._" not in k}
+        close = [k for k in sorted(known) if k.rsplit(".", 1)[-1] == leaf]
+        close += [k for k in difflib.get_close_matches(key, known, n=3) if k not in close]
+        hint = f"; did you mean {' or '.join(close)}?" if close else " (see: visiontune-train --cfg job)"
+        raise VisiontuneError(f"unknown key {key}{hint}")
+
+
+def _first_value(override) -> str:
+    if not override.is_sweep_override():
+        return str(override.value())
+    return next(iter(override.sweep_string_iterator()), "") if override.is_discrete_sweep() else ""
+
+
+def _known_keys(group_choices: list[str]) -> set[str] | None:
+    """Every key (nodes and leaves) of the config composed with these group options."""
+    from hydra import compose, initialize_config_module
+
+    try:
+        with initialize_config_module(config_module="visiontune.conf", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=group_choices)
+    except Exception:
+        return None
+    container = OmegaConf.to_container(cfg, resolve=False)
+    return set(_paths(container))
+
+
+def _paths(tree: Mapping, prefix: str = ""):
+    for key, value in tree.items():
+        yield f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _paths(value, f"{prefix}{key}.")

@@ -360,6 +360,11 @@ class ReplayLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def skipped(self) -> int:
+        """Images left out at decode on the one pass that read the files."""
+        return self.loader.skipped
+
     def __iter__(self):
         if self.batches is not None:
             yield from self.batches

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from visiontune import VisiontuneError, config, data, engine, models, report, store, sweep
+from visiontune import VisiontuneError, config, data, engine, models, redact, report, store, sweep
 from visiontune.config import Mode, ModelSpec
 
 log = logging.getLogger("visiontune")
@@ -62,10 +62,11 @@ def run(cfg: DictConfig) -> float:
     uri = store.tracking_uri(cfg.mlflow.tracking_uri, job.launch_dir)
     experiment_id = store.ensure_experiment(uri, cfg.mlflow.experiment_name)
     name = run_name(spec, mode, varied, job.number)
-    with store.tracked_run(uri, experiment_id, name, run_tags(cfg, job), parent_id):
+    with store.tracked_run(uri, experiment_id, name, run_tags(cfg, job), parent_id) as active:
         store.log_files(job.output_dir / ".hydra", "hydra")
         try:
-            config.check_values(cfg)
+            config.check_values(cfg)  # the CLI checked a single run's values; a sweep's job is a FAILED child
+            warn_unused_weights(mode, job.overrides)
             device = pick_device(str(cfg.device))
             checked = check_data(cfg.data, job.launch_dir)
             torch.manual_seed(cfg.seed)
@@ -77,10 +78,18 @@ def run(cfg: DictConfig) -> float:
             training = build_training(cfg, prepared, device)
             cache_bytes = cfg.data.val_cache_mb * 2**20
             result = engine.fit(training, loaders, cache_bytes, on_epoch=epoch_logger(cfg.epochs))
+            store.log_metrics({"skipped_images": skipped_images(checked, loaders)})
             record(result, f"{spec.name}-{mode.name}", loaders["val"], prepared, cfg.mlflow.log_model)
         finally:
             store.log_files(job.log_file)
+    model = f"; its model: runs:/{active.info.run_id}/model" if cfg.mlflow.log_model else ""
+    log.info("MLflow run %s FINISHED%s", active.info.run_id, model)
     return result.best_acc
+
+
+def warn_unused_weights(mode: Mode, overrides: list[str]) -> None:
+    if not mode.pretrained and any(o.lstrip("+").startswith("model.weights=") for o in overrides):
+        log.warning("mode=%s starts from random weights: the model.weights given is not used", mode.name)
 
 
 def run_name(spec: ModelSpec, mode: Mode, varied: list[str], number: int | None) -> str:
@@ -97,7 +106,8 @@ def run_tags(cfg: DictConfig, job: Job) -> dict[str, str]:
     for override in job.overrides:
         key, _, value = override.partition("=")
         # MLflow tag keys allow letters, digits, _ - . / and spaces; `model@x` or `+key` do not fit.
-        tags[re.sub(r"[^\w\-./ ]", "_", key.lstrip("+~"))] = store.shorten(value, store.TAG_VALUE_LIMIT)
+        tag = re.sub(r"[^\w\-./ ]", "_", key.lstrip("+~"))
+        tags[tag] = store.shorten(redact(value), store.TAG_VALUE_LIMIT)
     return tags
 
 
@@ -209,6 +219,11 @@ def epoch_logger(epochs: int):
         )
 
     return on_epoch
+
+
+def skipped_images(checked: data.CheckedData, loaders: dict) -> int:
+    """Images left out: unreadable headers found up front, and images that failed to decode."""
+    return checked.skipped + sum(loader.skipped for loader in loaders.values())
 
 
 def record(result: engine.FitResult, label: str, val_loader, prepared: models.PreparedModel, log_model: bool):
