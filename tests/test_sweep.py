@@ -217,3 +217,47 @@ def test_a_summary_that_cannot_be_written_fails_the_parent_with_one_message(tmp_
     assert len(errors) == 1 and "the sweep's summary could not be written" in errors[0], errors
     ended = MlflowClient(uri).get_run(parent.run_id)
     assert ended.info.status == "FAILED" and "summary could not be written" in ended.data.tags["error"]
+
+
+def _loky_workers(pid: int) -> list[int]:
+    """Process ids of the joblib (loky) workers that process `pid` started."""
+    workers = []
+    for child in Path(f"/proc/{pid}/task").glob("*/children"):
+        for cpid in child.read_text().split():
+            cmdline = Path(f"/proc/{cpid}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"loky" in cmdline and b"resource_tracker" not in cmdline:
+                workers.append(int(cpid))
+    return workers
+
+
+def test_a_killed_joblib_worker_stops_the_sweep_in_one_line_with_nothing_left_running(tmp_path, tiny_folder):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli_env, has_metric
+
+    fast = [o for o in FAST if not o.startswith("epochs=")]
+    args = ["-m", "seed=1,2,3,4", f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *fast]
+    args += ["epochs=300", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "mlflow.log_model=false"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "visiontune.cli", *args],
+        **{"cwd": tmp_path, "env": cli_env(tmp_path), "stderr": subprocess.PIPE, "text": True},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not has_metric(tmp_path / "outputs" / "mlflow.db", "val_acc"):
+            time.sleep(0.3)
+        os.kill(_loky_workers(process.pid)[0], signal.SIGKILL)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 1
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "worker process of the joblib launcher died" in errors[0], stderr[-3000:]
+    parent, children = parent_and_children(tmp_path)
+    assert parent.info.status == "FAILED" and parent.info.run_id in errors[0]
+    assert children and all(c.info.status == "FAILED" for c in children), "nothing left RUNNING"

@@ -70,7 +70,41 @@ def cli() -> None:
         config.check_command_line(sys.argv[1:])
     except VisiontuneError as err:
         sys.exit(f"error: {user_message(err)}")
-    main()
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        _sweep()
+    else:
+        main()
+
+
+WORKER_DIED = (
+    "a worker process of the joblib launcher died (killed, or out of memory) and joblib stops the whole "
+    "sweep: the jobs not FINISHED under its parent run did not run or were cut off; run the same "
+    "command again (with a lower hydra.launcher.n_jobs if memory ran out)"
+)
+
+
+def _sweep() -> None:
+    """main() for a multirun, with a launcher's failure reported in one line.
+
+    Hydra prints a traceback for an error a launcher raises; with HYDRA_FULL_ERROR it raises it
+    instead, and what Hydra would have shown compactly is shown the same way here.
+    """
+    from concurrent.futures.process import BrokenProcessPool
+
+    from hydra.errors import CompactHydraException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except CompactHydraException as err:
+        cause = f"\n{err.__cause__}" if err.__cause__ is not None else ""
+        sys.exit(f"{err}{cause}")
+    except BrokenProcessPool:  # joblib's TerminatedWorkerError: one loky worker was killed
+        from visiontune import sweep
+
+        if not sweep.abandon_open_sweeps(WORKER_DIED):
+            sys.exit(f"error: {WORKER_DIED}")
+        sys.exit(1)
 
 
 def _prefix_console(prefix: str) -> None:

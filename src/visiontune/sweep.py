@@ -82,6 +82,18 @@ def check_sweeper(sweeper: DictConfig) -> None:
         )
 
 
+# Sweeps of this process whose parent run is open: the CLI ends them when the launcher itself fails.
+_OPEN: list[MlflowSweep] = []
+
+
+def abandon_open_sweeps(reason: str) -> bool:
+    """End every open sweep's parent FAILED with `reason`, one line each; whether there was one."""
+    ended = bool(_OPEN)
+    for callback in list(_OPEN):
+        callback._end_abandoned(reason)
+    return ended
+
+
 class MlflowSweep(Callback):
     def __init__(self) -> None:
         self.parent = None  # a store.ParentRun while the sweep is open
@@ -133,6 +145,7 @@ class MlflowSweep(Callback):
         }
         name = f"sweep-{'-'.join(varied) or 'jobs'}-{sweep_dir.name}"
         self.parent = store.ParentRun.start(uri, experiment_id, name, tags)
+        _OPEN.append(self)
         write_handoff(sweep_dir, self.parent.run_id, varied)
         log.info(
             "MLflow parent run %s for this sweep (varies %s)", self.parent.run_id, ", ".join(varied) or "-"
@@ -150,9 +163,14 @@ class MlflowSweep(Callback):
             self.parent.record(Path(tmp), *_summary(rows))
             print("\n" + (Path(tmp) / "leaderboard.md").read_text())
         self.parent.end("FINISHED")
-        self.parent = None
+        self._closed()
         failed = [r["run"] for r in rows if r["status"] != "FINISHED"]
         return failed, len(rows)
+
+    def _closed(self) -> None:
+        self.parent = None
+        if self in _OPEN:
+            _OPEN.remove(self)
 
     def _note_interrupt(self, signum, frame) -> None:
         self.interrupted = True
@@ -170,7 +188,7 @@ class MlflowSweep(Callback):
                     f"error: {reason}; its MLflow parent run {self.parent.run_id} is FAILED", file=sys.stderr
                 )
             self.parent.end(status, reason if status == "FAILED" else None)
-            self.parent = None
+            self._closed()
         except Exception as err:
             print(f"error: cannot end the sweep's MLflow parent run: {_message(err)}", file=sys.stderr)
 
