@@ -87,6 +87,7 @@ def ui(sweep, tmp_path_factory):
     command = [sys.executable, "-m", "visiontune.ui", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with background_server(command, sweep.store.parent.parent, env, f"{url}/health", log_path):
+        assert "Warning" not in log_path.read_text(), "the server's own deprecations are not shown"
         (link,) = [
             line.removeprefix("open ")
             for line in log_path.read_text().splitlines()

@@ -18,7 +18,8 @@ QUIET = {
     "DO_NOT_TRACK": "true",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     # The server's own libraries warn about their deprecations: nothing a user of the UI can act on.
-    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    # (Starlette's is a UserWarning, matched by the start of its text.)
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated",
 }
 
 
