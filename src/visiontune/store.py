@@ -224,8 +224,9 @@ def _root_cause(err: BaseException) -> str:
 
 
 def _busy(err: BaseException) -> bool:
-    text = str(err).lower()
-    return "locked" in text or "busy" in text
+    """Whether another program holds the store (worth waiting for), not a store that refuses writes."""
+    cause = _root_cause(err).lower()
+    return "locked" in cause or "busy" in cause
 
 
 # --- one training run ---------------------------------------------------------------------------
@@ -268,9 +269,10 @@ def end_run(run_id: str, status: str, error: str | None = None) -> None:
         if status != "FINISHED":
             log.info("MLflow run %s %s", run_id, status)
     except Exception as err:
-        was = f" (it failed: {shorten(error, CAUSE_LIMIT)})" if error else ""
+        # What stopped the run, unless it was this store's fault too (the cause below says it).
+        was = f" after: {shorten(error, 200)}" if error and not error.startswith("cannot ") else ""
         raise StoreError(
-            f"could not record MLflow run {run_id} as {status}{was}: {_root_cause(err)}. "
+            f"could not record MLflow run {run_id} as {status}{was}: {_fault('end the run', err)} "
             f"The store still shows it RUNNING; once the store is writable again, delete it "
             f"(mlflow runs delete --run-id {run_id}) or keep it as a record of the attempt."
         ) from err
