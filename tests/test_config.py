@@ -39,6 +39,7 @@ def test_an_aux_loss_weight_needs_an_aux_head():
         ("precision=fp8", "precision=fp8 must be one of off, bf16, fp16"),
         ("model.input_size=64", "model.input_size=64 is too small for inception"),
         ("model.weights=null", "model.weights is null"),
+        ("batch_size=1", "batch_size=1 is too small for inception"),
     ],
 )
 def test_values_no_training_can_use_are_refused(override, message):

@@ -105,3 +105,20 @@ def test_fit_restores_the_best_epochs_weights_and_reports_each_epoch():
     assert result.best_epoch < 4, "the case where restoring matters: training went on after the best epoch"
     for key, value in model.state_dict().items():
         assert torch.equal(value, snapshots[result.best_epoch][key])
+
+
+def test_a_nonfinite_training_loss_stops_fit_naming_epoch_and_batch():
+    from visiontune import config, models
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    spec = config.ModelSpec(name="tiny", arch="-", head="1", input_size=2)
+    prepared = models.PreparedModel(model, spec, None, (), cache_backbone=False)
+    images, labels = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 0, 1])
+    broken = torch.full_like(images, float("inf"))  # what an overflowing forward pass hands the loss
+    loaders = {"train": [(images, labels), (broken, labels), (images, labels)], "val": [(images, labels)]}
+    training = cpu_training(prepared, torch.optim.SGD(model.parameters(), lr=0.1), epochs=3)
+    reports = []
+    with pytest.raises(engine.NonFiniteLoss, match="in epoch 1, first at batch 2 of 3") as stopped:
+        engine.fit(training, loaders, on_epoch=reports.append)
+    assert "lower optimizer.lr (it is 0.1)" in str(stopped.value)
+    assert reports == [], "no epoch with a non-finite loss is reported, let alone kept as best"

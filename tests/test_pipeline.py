@@ -467,3 +467,31 @@ def test_credentials_in_the_tracking_uri_are_never_recorded_or_printed(tmp_path,
     assert any("alice:***@" in text for text in texts), (
         "the logged config says which server, not how to log in"
     )
+
+
+def test_a_diverging_run_fails_in_one_line_and_logs_no_model(workspace, tiny_folder):
+    before = snapshot(workspace)
+    data = [f"data.root={tiny_folder}", "data=imagefolder"]
+    result = run_cli(workspace, *data, "mode=scratch", *FAST[1:], "epochs=3", "optimizer.lr=1e4")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "lower optimizer.lr (it is 10000)" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    after = snapshot(workspace)
+    assert {k: after[k] for k in before} == before
+    (new,) = [r for r in store_runs(workspace / "outputs" / "mlflow.db") if r.info.run_id not in before]
+    assert new.info.status == "FAILED" and "best_val_acc" not in new.data.metrics
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workspace / 'outputs' / 'mlflow.db'}")
+    assert "model" not in {a.path for a in client.list_artifacts(new.info.run_id)}
+
+
+def test_inception_trains_when_the_last_training_batch_would_hold_one_image(tmp_path):
+    root = make_image_folder(tmp_path / "odd", {"train": 5, "val": 1})  # 10 training images
+    args = [f"data.root={root}", "data=imagefolder", "model=inception", "mode=scratch", "epochs=1"]
+    result = run_cli(tmp_path, *args, "batch_size=3", "num_workers=0", "mlflow.log_model=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the last training batch would hold 1 image(s)" in result.stderr
+    (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
+    assert run.info.status == "FINISHED"

@@ -30,6 +30,8 @@ class ModelSpec:
     input_size: int
     aux_head: str | None = None  # a second classifier whose output training also returns
     min_input_size: int = 1
+    # Training batches smaller than this crash the model: batch norm on a 1x1 map needs 2 images.
+    min_batch_size: int = 1
     aux_loss_weight: float = 0.0  # 0 with an aux_head: its output is computed and ignored
     pretrained_kwargs: Mapping = field(default_factory=dict)  # builder arguments the weights expect
     scratch_kwargs: Mapping = field(default_factory=dict)  # builder arguments for random init
@@ -91,6 +93,11 @@ def check_values(cfg: DictConfig) -> None:
         raise VisiontuneError(
             f"model.input_size={spec.input_size} is too small for {spec.name}: it needs at least "
             f"{spec.min_input_size} px (model.input_size={spec.min_input_size})"
+        )
+    if cfg.batch_size < spec.min_batch_size:
+        raise VisiontuneError(
+            f"batch_size={cfg.batch_size} is too small for {spec.name}: batch norm in its training needs "
+            f"at least {spec.min_batch_size} images per batch (batch_size={spec.min_batch_size} or more)"
         )
     if cfg.num_workers != "auto" and (not isinstance(cfg.num_workers, int) or cfg.num_workers < 0):
         raise VisiontuneError(f"num_workers={cfg.num_workers} must be auto or a whole number, 0 or more")

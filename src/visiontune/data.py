@@ -423,6 +423,9 @@ class LoaderSettings:
     pin_memory: bool = False
     skip_bad: bool = False
     max_image_pixels: int | None = None
+    # A last training batch smaller than this is left out (a different image each epoch, as the
+    # order is shuffled): models whose batch norm sees 1x1 maps crash on a batch of one.
+    min_train_batch: int = 1
 
 
 def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) -> dict[str, SkippingLoader]:
@@ -447,6 +450,20 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
                 pin_memory=settings.pin_memory,
                 collate_fn=_collate,
                 generator=torch.Generator().manual_seed(settings.seed),
+                drop_last=split == "train" and _short_last_batch(len(dataset), settings),
             )
         )
     return loaders
+
+
+def _short_last_batch(size: int, settings: LoaderSettings) -> bool:
+    """Whether the last training batch is too small for the model (and is then left out)."""
+    last = size % settings.batch_size
+    if 0 < last < settings.min_train_batch:
+        log.info(
+            "the last training batch would hold %d image(s), fewer than the model's batch norm needs: "
+            "it is left out each epoch (a different image each time, as the order is shuffled)",
+            last,
+        )
+        return True
+    return False

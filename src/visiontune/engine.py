@@ -12,6 +12,7 @@ import torch.fx
 from torch import nn
 from tqdm import tqdm
 
+from visiontune import VisiontuneError
 from visiontune.models import PreparedModel
 
 
@@ -40,6 +41,12 @@ class PhaseResult:
     loss: float
     acc: float
     seconds: float
+    first_nonfinite_batch: int | None = None  # 1-based: the first batch whose loss was nan or inf
+    batches: int = 0
+
+
+class NonFiniteLoss(VisiontuneError):
+    """Training diverged: no model from this epoch on may be kept."""
 
 
 @dataclass(frozen=True)
@@ -61,16 +68,31 @@ class _Tally:
     def __init__(self, device: torch.device):
         self.loss = torch.zeros((), device=device)  # float32: MPS has no float64
         self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        # The first batch with a non-finite loss, kept on the device: checking each batch on the
+        # host would stop a GPU once per batch.
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.int64)
         self.count = 0
+        self.batches = 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss += loss.detach() * labels.numel()
+        self.batches += 1
+        loss = loss.detach()
+        self.loss += loss * labels.numel()
         self.correct += (logits.argmax(dim=1) == labels).sum()
         self.count += labels.numel()
+        first = (self.first_bad < 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(first, self.batches, self.first_bad)
 
     def result(self, seconds: float) -> PhaseResult:
         count = max(self.count, 1)
-        return PhaseResult(self.loss.item() / count, self.correct.item() / count, seconds)
+        first_bad = int(self.first_bad.item())
+        return PhaseResult(
+            self.loss.item() / count,
+            self.correct.item() / count,
+            seconds,
+            first_nonfinite_batch=first_bad if first_bad > 0 else None,
+            batches=self.batches,
+        )
 
 
 def train_one_epoch(training: Training, loader, desc: str = "train") -> PhaseResult:
@@ -226,6 +248,8 @@ def fit(
         tic = time.perf_counter()
         lr = training.optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(training, loaders["train"], desc=f"epoch {epoch} train")
+        if tr.first_nonfinite_batch is not None:
+            raise NonFiniteLoss(_divergence(tr, epoch, lr, training.runtime.amp_dtype == torch.float16))
         va = evaluate(
             module, loaders["val"], training.criterion, training.runtime, f"epoch {epoch} val", cache=cache
         )
@@ -240,6 +264,19 @@ def fit(
         on_epoch(EpochReport(epoch, tr, va, lr, seconds=time.perf_counter() - tic, improved=improved))
     module.load_state_dict(best_state)
     return FitResult(best_acc, best_epoch, curve)
+
+
+def _divergence(result: PhaseResult, epoch: int, lr: float, fp16: bool) -> str:
+    # Under autocast the loss itself is float32: a non-finite one means the forward pass
+    # overflowed or the weights diverged, which the gradient scaler cannot undo.
+    advice = f"lower optimizer.lr (it is {lr:g})" + (
+        ", or use precision=off (float16 overflowed)" if fp16 else ""
+    )
+    where = f"first at batch {result.first_nonfinite_batch} of {result.batches}"
+    return (
+        f"the training loss became {result.loss:g} in epoch {epoch}, {where}: the run stops and keeps "
+        f"no model from it; {advice}"
+    )
 
 
 def _clock(device: torch.device) -> float:

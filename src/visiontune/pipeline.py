@@ -174,6 +174,7 @@ def build_loaders(cfg: DictConfig, checked: data.CheckedData, prepared: models.P
         pin_memory=device.type == "cuda",
         skip_bad=cfg.data.skip_bad_images,
         max_image_pixels=cfg.data.get("max_image_pixels"),
+        min_train_batch=prepared.spec.min_batch_size,
     )
     loaders = data.build_loaders(checked.samples, settings)
     # A cached backbone output already spares the val images' decoding after the first epoch.
