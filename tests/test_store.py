@@ -43,7 +43,7 @@ def test_experiment_keeps_artifacts_beside_the_store_and_opens_on_training_runs(
 def test_run_status_is_true(experiment, error, status):
     uri, experiment_id = experiment
     with pytest.raises(type(error)) if error else contextlib.nullcontext():  # noqa: SIM117
-        with store.tracked_run(uri, experiment_id, "r", {"model": "resnet"}) as run:
+        with store.tracked_run(uri, store.RunStart(experiment_id, "r", {"model": "resnet"})) as run:
             if error:
                 raise error
     finished = MlflowClient(uri).get_run(run.info.run_id)
@@ -60,7 +60,7 @@ def test_long_and_nested_params_are_stored_never_refused(experiment):
     }
     params = store.flatten(config)
     assert params == {"data.root": "x" * 10_000, "data.name": "imagefolder", "optimizer.lr": 0.1}
-    with store.tracked_run(uri, experiment_id, "r", {}) as run:
+    with store.tracked_run(uri, store.RunStart(experiment_id, "r", {})) as run:
         store.log_params(params)
     stored = MlflowClient(uri).get_run(run.info.run_id).data.params
     assert len(stored["data.root"]) == store.PARAM_VALUE_LIMIT and stored["data.root"].endswith("...")
@@ -76,7 +76,7 @@ def test_logged_model_loads_and_predicts_what_the_model_in_memory_predicts(exper
     inputs = torch.randn(5, 3, 64, 64)
     with torch.no_grad():
         expected = model(inputs)
-    with store.tracked_run(uri, experiment_id, "r", {}) as run:
+    with store.tracked_run(uri, store.RunStart(experiment_id, "r", {})) as run:
         store.log_model(model, example)
     mlflow.set_tracking_uri(uri)
     loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -34,6 +36,8 @@ def main(cfg: DictConfig) -> float | None:
     multirun = hydra.mode == RunMode.MULTIRUN
     if multirun:  # jobs of a parallel sweep share one console
         _prefix_console(f"#{hydra.job.num} ")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         if not multirun:  # a bad value is refused before any run is recorded (a sweep's job records it)
             config.check_values(cfg)
@@ -45,14 +49,23 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:  # the sweep goes on; the job's MLflow run is already FAILED
             return None
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        log.error("interrupted: the MLflow run is marked KILLED")
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as err:
+        stopped = isinstance(err, Terminated)
+        log.error("%s: the MLflow run is marked KILLED", "terminated" if stopped else "interrupted")
+        raise SystemExit(143 if stopped else 130) from None
     except Exception:
         if not multirun:
             raise
         log.exception("job failed")
         return None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and `timeout` send): stop as on Ctrl-C, exit 143."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
 
 
 def cli() -> None:

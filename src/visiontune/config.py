@@ -103,6 +103,9 @@ def check_values(cfg: DictConfig) -> None:
         raise VisiontuneError(f"num_workers={cfg.num_workers} must be auto or a whole number, 0 or more")
     if str(cfg.precision) not in PRECISIONS:
         raise VisiontuneError(f"precision={cfg.precision} must be one of {', '.join(PRECISIONS)}")
+    every = cfg.checkpoint.every_epochs
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise VisiontuneError(f"checkpoint.every_epochs={every} must be a whole number, 0 (none) or more")
     if not DEVICE.fullmatch(str(cfg.device)):
         raise VisiontuneError(f"device={cfg.device} is not a device: use auto, cpu, cuda, cuda:N or mps")
     mode = mode_of(cfg.mode)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
@@ -293,8 +293,12 @@ class ImageFiles(Dataset):
         transform: Callable,
         skip_bad: bool = False,
         max_image_pixels: int | None = None,
+        seed: int | None = None,
     ):
         self.samples = list(samples)
+        # With a seed, each image's random augmentation is drawn from (seed, epoch, index) alone
+        # (indices from EpochShuffle carry their epoch): the same in any worker and after a resume.
+        self.seed = seed
         self.transform = transform
         self.skip_bad = skip_bad
         self.max_image_pixels = max_image_pixels
@@ -303,6 +307,7 @@ class ImageFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
+        epoch, index = divmod(index, len(self.samples))
         path, label = self.samples[index]
         try:
             pixels = decode(path, self.max_image_pixels)
@@ -318,7 +323,41 @@ class ImageFiles(Dataset):
                 f"image {path} does not decode ({err}). Replace it, or pass "
                 f"data.skip_bad_images=true to leave such files out."
             ) from err
-        return self.transform(pixels), label
+        if self.seed is None:
+            return self.transform(pixels), label
+        with torch.random.fork_rng(devices=[]):  # the process's own random stream stays untouched
+            torch.manual_seed(_mix(self.seed, epoch, index))
+            return self.transform(pixels), label
+
+
+def _mix(*numbers: int) -> int:
+    """One seed from several whole numbers, the same in every process (unlike hash of a str)."""
+    seed = 0
+    for number in numbers:
+        seed = (seed * 1_000_003 + number) % 2**63
+    return seed
+
+
+class EpochShuffle(Sampler):
+    """A training order that depends on (seed, epoch) alone, so a resumed run draws the same one.
+
+    Each index carries its epoch (epoch * size + i), for ImageFiles to seed the image's augmentation.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(
+            self.size, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        )
+        return iter((order + self.epoch * self.size).tolist())
 
 
 def transforms(input_size: int) -> dict[str, v2.Compose]:
@@ -401,6 +440,11 @@ class SkippingLoader:
         self.loader = loader
         self.skipped = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order and augmentations the next pass draws (training only)."""
+        if isinstance(self.loader.sampler, EpochShuffle):
+            self.loader.sampler.set_epoch(epoch)
+
     def __len__(self) -> int:
         return len(self.loader)  # an upper bound when batches are skipped
 
@@ -437,12 +481,14 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else None) if workers else None
     loaders = {}
     for split in SPLITS:
-        dataset = ImageFiles(samples[split], tfms[split], settings.skip_bad, settings.max_image_pixels)
+        train = split == "train"
+        seed = settings.seed if train else None
+        dataset = ImageFiles(samples[split], tfms[split], settings.skip_bad, settings.max_image_pixels, seed)
         loaders[split] = SkippingLoader(
             DataLoader(
                 dataset,
                 batch_size=settings.batch_size,
-                shuffle=split == "train",
+                sampler=EpochShuffle(len(dataset), settings.seed) if train else None,
                 num_workers=workers,
                 # Workers start once, not once per epoch and phase as in the tutorial.
                 persistent_workers=workers > 0,
@@ -450,7 +496,7 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
                 pin_memory=settings.pin_memory,
                 collate_fn=_collate,
                 generator=torch.Generator().manual_seed(settings.seed),
-                drop_last=split == "train" and _short_last_batch(len(dataset), settings),
+                drop_last=train and _short_last_batch(len(dataset), settings),
             )
         )
     return loaders

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -231,22 +231,36 @@ class FitResult:
     val_curve: list[float]
 
 
+@dataclass
+class Progress:
+    """Where a fit stands after its last finished epoch: what a checkpoint keeps, and resumes from."""
+
+    epoch: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    best_state: dict | None = None  # a CPU copy of the weights of the best epoch
+    curve: list[float] = field(default_factory=list)  # val accuracy per epoch
+
+
 def fit(
     training: Training,
     loaders: dict,
     cache_bytes: int = 0,
-    on_epoch: Callable[[EpochReport], None] = lambda report: None,
+    on_epoch: Callable[[EpochReport, Progress], None] = lambda report, progress: None,
+    progress: Progress | None = None,
 ) -> FitResult:
-    """Train and validate every epoch; end with the weights of the best validation accuracy.
+    """Train and validate each epoch after `progress`; end with the weights of the best val accuracy.
 
     Where the mode allows it, evaluation caches the backbone's output, up to `cache_bytes`.
     """
     prepared, module = training.model, training.model.module
     cache = BackboneCache(module, prepared.spec.head, cache_bytes) if prepared.cache_backbone else None
-    best_acc, best_epoch, best_state, curve = -1.0, 0, None, []
-    for epoch in range(1, training.epochs + 1):
+    progress = progress or Progress()
+    for epoch in range(progress.epoch + 1, training.epochs + 1):
         tic = time.perf_counter()
         lr = training.optimizer.param_groups[0]["lr"]
+        if hasattr(loaders["train"], "set_epoch"):
+            loaders["train"].set_epoch(epoch)
         tr = train_one_epoch(training, loaders["train"], desc=f"epoch {epoch} train")
         if tr.first_nonfinite_batch is not None:
             raise NonFiniteLoss(_divergence(tr, epoch, lr, training.runtime.amp_dtype == torch.float16))
@@ -255,15 +269,17 @@ def fit(
         )
         if training.scheduler is not None:
             training.scheduler.step()
-        improved = va.acc > best_acc
+        improved = va.acc > progress.best_acc
         if improved:
-            best_acc, best_epoch = va.acc, epoch
             # A CPU copy: the next epoch's updates must not reach it.
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-        curve.append(va.acc)
-        on_epoch(EpochReport(epoch, tr, va, lr, seconds=time.perf_counter() - tic, improved=improved))
-    module.load_state_dict(best_state)
-    return FitResult(best_acc, best_epoch, curve)
+            progress.best_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            progress.best_acc, progress.best_epoch = va.acc, epoch
+        progress.epoch = epoch
+        progress.curve.append(va.acc)
+        report = EpochReport(epoch, tr, va, lr, seconds=time.perf_counter() - tic, improved=improved)
+        on_epoch(report, progress)
+    module.load_state_dict(progress.best_state)
+    return FitResult(progress.best_acc, progress.best_epoch, progress.curve)
 
 
 def _divergence(result: PhaseResult, epoch: int, lr: float, fp16: bool) -> str:

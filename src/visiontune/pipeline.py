@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from visiontune import VisiontuneError, config, data, engine, models, redact, report, store, sweep
+from visiontune import VisiontuneError, checkpoint, config, data, engine, models, redact, report, store, sweep
 from visiontune.config import Mode, ModelSpec
 
 log = logging.getLogger("visiontune")
@@ -55,36 +56,82 @@ class Job:
 
 
 def run(cfg: DictConfig) -> float:
-    """Train one configuration in one MLflow run; returns its best validation accuracy."""
+    """Train one configuration in one MLflow run (or continue one); returns its best val accuracy."""
     job = Job.from_hydra()
-    spec, mode = config.model_spec(cfg.model), config.mode_of(cfg.mode)
-    parent_id, varied = sweep.read_handoff(job.sweep_dir)
     uri = store.tracking_uri(cfg.mlflow.tracking_uri, job.launch_dir)
     experiment_id = store.ensure_experiment(uri, cfg.mlflow.experiment_name)
-    name = run_name(spec, mode, varied, job.number)
-    with store.tracked_run(uri, experiment_id, name, run_tags(cfg, job), parent_id) as active:
-        store.log_files(job.output_dir / ".hydra", "hydra")
+    saved = checkpoint.find(cfg.resume, store.open_store(uri), experiment_id, cfg) if cfg.resume else None
+    cfg = checkpoint.resumed_config(saved, cfg, job.overrides) if saved else cfg
+    spec, mode = config.model_spec(cfg.model), config.mode_of(cfg.mode)
+    with store.tracked_run(uri, run_start(cfg, job, experiment_id, saved)) as active:
+        run_id = active.info.run_id
         try:
             config.check_values(cfg)  # the CLI checked a single run's values; a sweep's job is a FAILED child
-            warn_unused_weights(mode, job.overrides)
+            record_start(cfg, job, saved)
             device = pick_device(str(cfg.device))
             checked = check_data(cfg.data, job.launch_dir)
             torch.manual_seed(cfg.seed)
             weights = models.resolve_weights(spec.arch, cfg.model.weights, job.launch_dir)
             prepared = models.prepare(spec, mode, len(checked.classes), weights)
-            store.log_params(run_params(cfg, checked, prepared, device))
+            if saved is None:  # a continued run keeps the params it started with
+                store.log_params(run_params(cfg, checked, prepared, device))
             announce(prepared, mode, checked, device)
             loaders = build_loaders(cfg, checked, prepared, device)
             training = build_training(cfg, prepared, device)
-            cache_bytes = cfg.data.val_cache_mb * 2**20
-            result = engine.fit(training, loaders, cache_bytes, on_epoch=epoch_logger(cfg.epochs))
+            progress = resume_progress(saved, training, run_id)
+            on_epoch = EpochRecorder(cfg, job.output_dir / "checkpoints", training, run_id, saved)
+            result = engine.fit(training, loaders, cfg.data.val_cache_mb * 2**20, on_epoch, progress)
             store.log_metrics({"skipped_images": skipped_images(checked, loaders)})
             record(result, f"{spec.name}-{mode.name}", loaders["val"], prepared, cfg.mlflow.log_model)
+        except KeyboardInterrupt:
+            say_how_to_resume(run_id, job.output_dir / "checkpoints")
+            raise
         finally:
-            store.log_files(job.log_file)
-    model = f"; its model: runs:/{active.info.run_id}/model" if cfg.mlflow.log_model else ""
-    log.info("MLflow run %s FINISHED%s", active.info.run_id, model)
+            store.log_files(job.log_file, f"resumed-{job.output_dir.name}" if saved else None)
+    if not cfg.checkpoint.keep_after_finish:  # the best model is in MLflow; a finished run needs no more
+        shutil.rmtree(job.output_dir / "checkpoints", ignore_errors=True)
+    model = f"; its model: runs:/{run_id}/model" if cfg.mlflow.log_model else ""
+    log.info("MLflow run %s FINISHED%s", run_id, model)
     return result.best_acc
+
+
+def run_start(cfg: DictConfig, job: Job, experiment_id: str, saved) -> store.RunStart:
+    """A new run (a sweep's child where there is a sweep), or the saved run to continue."""
+    spec, mode = config.model_spec(cfg.model), config.mode_of(cfg.mode)
+    parent_id, varied = sweep.read_handoff(job.sweep_dir)
+    name = run_name(spec, mode, varied, job.number)
+    return store.RunStart(experiment_id, name, run_tags(cfg, job), parent_id, saved.run_id if saved else None)
+
+
+def record_start(cfg: DictConfig, job: Job, saved) -> None:
+    """The composed config (new runs), and where this run's checkpoints go and what they match."""
+    if saved is None:
+        store.log_files(job.output_dir / ".hydra", "hydra")
+        warn_unused_weights(config.mode_of(cfg.mode), job.overrides)
+    if cfg.checkpoint.every_epochs:
+        folder = str(job.output_dir / "checkpoints")
+        digest = checkpoint.digest(checkpoint.flat_config(cfg))
+        store.set_tags({checkpoint.FOLDER_TAG: folder, checkpoint.DIGEST_TAG: digest})
+
+
+def resume_progress(saved, training: engine.Training, run_id: str) -> engine.Progress | None:
+    """The saved states put back, and any epoch the checkpoint holds but the run never logged."""
+    if saved is None:
+        return None
+    progress = checkpoint.restore(saved, training)
+    logged = store.logged_steps(run_id, "val_acc")
+    for epoch, metrics in enumerate(saved.state["metrics"], start=1):
+        if epoch not in logged:  # killed between the checkpoint and its metrics
+            store.log_metrics(metrics, step=epoch)
+    log.info("resuming MLflow run %s after epoch %d of %d", run_id, progress.epoch, training.epochs)
+    return progress
+
+
+def say_how_to_resume(run_id: str, folder: Path) -> None:
+    if (folder / checkpoint.LAST).is_file():
+        command = f"visiontune-train resume={run_id}"
+        store.set_tags({checkpoint.RESUME_TAG: command})
+        log.info("stopped; continue it with: %s", command)
 
 
 def warn_unused_weights(mode: Mode, overrides: list[str]) -> None:
@@ -205,21 +252,40 @@ def build_training(cfg: DictConfig, prepared: models.PreparedModel, device) -> e
     )
 
 
-def epoch_logger(epochs: int):
-    """One MLflow step and one summary line per epoch."""
+class EpochRecorder:
+    """After each epoch: its metrics to MLflow, a console line, and (every N epochs) a checkpoint.
 
-    def on_epoch(r: engine.EpochReport) -> None:
-        metrics = {"train_loss": r.train.loss, "train_acc": r.train.acc, "val_loss": r.val.loss}
-        store.log_metrics(
-            metrics | {"val_acc": r.val.acc, "epoch_seconds": r.seconds, "lr": r.lr}, step=r.epoch
+    A continued run re-trains epochs after its checkpoint whose metrics MLflow may already hold
+    (with checkpoint.every_epochs above 1): those steps are not logged twice.
+    """
+
+    def __init__(self, cfg: DictConfig, folder: Path, training: engine.Training, run_id: str, saved):
+        self.folder, self.training, self.run_id = folder, training, run_id
+        self.every, self.to_mlflow = cfg.checkpoint.every_epochs, cfg.checkpoint.log_to_mlflow
+        self.config = checkpoint.flat_config(cfg)
+        self.logged = store.logged_steps(run_id, "val_acc")
+        # Every epoch's metrics, those before a resume included: each checkpoint carries them all.
+        self.metrics: list[dict] = (
+            list(saved.state["metrics"][: saved.state["progress"]["epoch"]]) if saved else []
         )
+
+    def __call__(self, r: engine.EpochReport, progress: engine.Progress) -> None:
+        metrics = {"train_loss": r.train.loss, "train_acc": r.train.acc, "val_loss": r.val.loss}
+        metrics |= {"val_acc": r.val.acc, "epoch_seconds": r.seconds, "lr": r.lr}
+        self.metrics.append(metrics)
+        epochs = self.training.epochs
+        if self.every and (r.epoch % self.every == 0 or r.epoch == epochs):
+            extra = {"run_id": self.run_id, "config": self.config, "metrics": self.metrics}
+            checkpoint.save(self.folder, self.training, progress, extra)
+            if self.to_mlflow and r.epoch == epochs:
+                store.log_files(self.folder, "checkpoint", text=False)
+        if r.epoch not in self.logged:
+            store.log_metrics(metrics, step=r.epoch)
         log.info(
             "epoch %*d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs%s",
             *(len(str(epochs)), r.epoch, epochs, r.train.loss, r.train.acc, r.val.loss, r.val.acc),
             *(r.seconds, "  * best" if r.improved else ""),
         )
-
-    return on_epoch
 
 
 def skipped_images(checked: data.CheckedData, loaders: dict) -> int:

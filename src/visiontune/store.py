@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -38,6 +39,9 @@ logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 PARAM_VALUE_LIMIT = 6000
 TAG_VALUE_LIMIT = 5000  # below MLflow's 8000, leaving room for the UI to show a tag whole
 ERROR_TAG = "error"
+CHECKPOINT_TAG = "visiontune.checkpoint"  # the folder of a run's checkpoints
+DIGEST_TAG = "visiontune.config_digest"  # what resume=last matches a run on
+RESUME_TAG = "visiontune.resume_command"  # set on a run stopped early: how to continue it
 SQLITE_PREFIX = "sqlite:///"
 # How long a run's end status is retried while another process holds the store (MLflow's SQLite
 # connections already wait 20 s per attempt): long enough to outlast a backup or a slow reader.
@@ -167,7 +171,7 @@ def _check_artifacts_writable(uri: str) -> None:
 
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[None]:
-    """Hold a Ctrl-C until the block ends, so no write to the store is cut off halfway.
+    """Hold a Ctrl-C or SIGTERM until the block ends, so no write to the store is cut off halfway.
 
     MLflow's SQLite sessions roll back on Exception, not on KeyboardInterrupt; an interrupt in
     the middle of one can leave a transaction open that the KILLED status update then waits on.
@@ -176,16 +180,22 @@ def deferred_interrupt() -> Iterator[None]:
         yield
         return
     received: list = []
-    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda *args: received.append(args)) for s in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     if received:
-        if callable(previous):  # the handler we stood in for sees the Ctrl-C too
-            previous(*received[0])
-        if previous != signal.SIG_IGN:
+        signum, frame = received[0]
+        handler = previous[signum]
+        if callable(handler):  # the handler we stood in for sees the signal too
+            handler(signum, frame)
+        if signum == signal.SIGINT and handler != signal.SIG_IGN:
             raise KeyboardInterrupt
+        if signum == signal.SIGTERM and handler == signal.SIG_DFL:
+            signal.raise_signal(signum)  # its default, now restored: the process ends
 
 
 @contextlib.contextmanager
@@ -232,16 +242,34 @@ def _busy(err: BaseException) -> bool:
 # --- one training run ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """A run to open: a new one in an experiment, or (`run_id`) an earlier one to continue."""
+
+    experiment_id: str
+    name: str
+    tags: Mapping[str, str]
+    parent_run_id: str | None = None
+    run_id: str | None = None
+
+
 @contextlib.contextmanager
-def tracked_run(
-    uri: str, experiment_id: str, run_name: str, tags: Mapping[str, str], parent_run_id: str | None = None
-) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run that ends FINISHED, FAILED (error tag set) or KILLED, whatever happens inside."""
+def tracked_run(uri: str, start: RunStart) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run that ends FINISHED, FAILED (error tag set) or KILLED, whatever happens inside.
+
+    A continued run goes back to RUNNING and keeps its name, tags and params.
+    """
     mlflow.set_tracking_uri(uri)
     with _writing("start a run"):
-        run = mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name, tags=dict(tags), parent_run_id=parent_run_id
-        )
+        if start.run_id is not None:
+            run = mlflow.start_run(run_id=start.run_id)
+        else:
+            run = mlflow.start_run(
+                experiment_id=start.experiment_id,
+                run_name=start.name,
+                tags=dict(start.tags),
+                parent_run_id=start.parent_run_id,
+            )
     try:
         yield run
     except KeyboardInterrupt:
@@ -317,6 +345,16 @@ def log_params(params: Mapping[str, object]) -> None:
         mlflow.log_params({key: shorten(value) for key, value in params.items()})
 
 
+def set_tags(tags: Mapping[str, str]) -> None:
+    with _writing("set tags"):
+        mlflow.set_tags(dict(tags))
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """The steps at which the run has logged `key` (a continued run logs only the others)."""
+    return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
+
+
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     with _writing("log metrics"):
         mlflow.log_metrics(dict(metrics), step=step)
@@ -327,10 +365,21 @@ def log_figure(figure, name: str) -> None:
         mlflow.log_figure(figure, name)
 
 
-def log_files(path: Path, artifact_path: str | None = None) -> None:
-    """A text file, or a folder's, as artifacts of the active run, with credentials redacted."""
-    files = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
+def log_files(path: Path, artifact_path: str | None = None, text: bool = True) -> None:
+    """A file, or a folder's files, as artifacts of the active run; text has credentials redacted."""
+    files = (
+        sorted(p for p in path.iterdir() if p.is_file())
+        if path.is_dir()
+        else [path]
+        if path.is_file()
+        else []
+    )
     if not files:
+        return
+    if not text:
+        with _writing(f"save {path.name}"):
+            for file in files:
+                mlflow.log_artifact(str(file), artifact_path)
         return
     with tempfile.TemporaryDirectory() as tmp, _writing(f"save {path.name}"):
         for file in files:

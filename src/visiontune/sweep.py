@@ -123,9 +123,14 @@ class MlflowSweep(Callback):
             _fail(f"{len(failed)} of {total} jobs failed: {', '.join(failed)}")
 
     def _open_parent(self, config: DictConfig) -> None:
-        from visiontune import redact, store
+        from visiontune import VisiontuneError, redact, store
 
         check_sweeper(config.hydra.sweeper)
+        if config.get("resume"):
+            raise VisiontuneError(
+                f"resume={config.resume} continues one run; resuming a sweep is not supported yet: "
+                f"resume its interrupted children one by one (their {store.RESUME_TAG} tag), or run it again"
+            )
         launch_dir = Path(config.hydra.runtime.cwd)
         uri = store.tracking_uri(config.mlflow.tracking_uri, launch_dir)
         experiment_id = store.ensure_experiment(uri, config.mlflow.experiment_name)

@@ -1,0 +1,122 @@
+"""Runs that survive: SIGKILL and SIGTERM mid-run, then resume into the same MLflow run, exactly."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import cli_env, has_metric, make_image_folder, run_cli, store_runs
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    # Enough images that an epoch lasts long enough to be interrupted in the middle of the run.
+    return make_image_folder(tmp_path_factory.mktemp("data") / "ckpt", {"train": 16, "val": 4}, size=(96, 80))
+
+
+def train_args(folder, workers: int) -> list[str]:
+    data = [f"data.root={folder}", "data=imagefolder", "model.input_size=64", f"num_workers={workers}"]
+    return [*data, "mode=scratch", "model=resnet", "epochs=3", "batch_size=4", "seed=7"]
+
+
+def stop_after_first_epoch(cwd, args, how: int) -> tuple[int, str]:
+    """Start a run, send it `how` once epoch 1 is in the store; (exit code, stderr)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "visiontune.cli", *args],
+        **{"cwd": cwd, "env": cli_env(cwd), "stderr": subprocess.PIPE, "text": True},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not has_metric(cwd / "outputs" / "mlflow.db", "val_acc"):
+            time.sleep(0.05)
+        process.send_signal(how)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    return process.returncode, stderr
+
+
+def history(cwd, run) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+    return {
+        k: [
+            (m.step, m.value)
+            for m in sorted(client.get_metric_history(run.info.run_id, k), key=lambda m: m.step)
+        ]
+        for k in keys
+    }
+
+
+def weights(cwd, run) -> dict:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")
+    return mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model").state_dict()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, folder):
+    """The same run, never stopped, decoding in this process: what a resumed one must equal.
+
+    Each image's augmentation is seeded by (seed, epoch, index), so the worker count changes
+    nothing: a resumed run with 2 workers is compared against it too.
+    """
+    cwd = tmp_path_factory.mktemp("whole")
+    assert run_cli(cwd, *train_args(folder, 0)).returncode == 0
+    (run,) = store_runs(cwd / "outputs" / "mlflow.db")
+    return history(cwd, run), run.data.metrics["best_val_acc"], weights(cwd, run)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_killed_run_resumes_into_the_same_run_and_ends_exactly_as_an_uninterrupted_one(
+    tmp_path, folder, uninterrupted, workers
+):
+    code, stderr = stop_after_first_epoch(tmp_path, train_args(folder, workers), signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    (killed,) = store_runs(tmp_path / "outputs" / "mlflow.db")
+    assert killed.info.status == "RUNNING", "SIGKILL cannot be caught: the store still says RUNNING"
+    assert len(history(tmp_path, killed)["val_acc"]) < 3, "killed before its end"
+
+    result = run_cli(tmp_path, f"resume={killed.info.run_id}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    expected_history, expected_best, expected_weights = uninterrupted
+    assert history(tmp_path, run) == expected_history, "every step once, with the same values"
+    assert [step for step, _ in expected_history["val_acc"]] == [1, 2, 3]
+    assert run.data.metrics["best_val_acc"] == expected_best
+    got = weights(tmp_path, run)
+    assert all(torch.equal(got[k], expected_weights[k]) for k in expected_weights), "bit-identical weights"
+
+
+def test_sigterm_stops_with_143_then_resume_last_continues_it(tmp_path, folder):
+    args = train_args(folder, 0)
+    code, stderr = stop_after_first_epoch(tmp_path, args, signal.SIGTERM)
+    assert code == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
+    command = f"visiontune-train resume={run.info.run_id}"
+    assert run.info.status == "KILLED" and run.data.tags["visiontune.resume_command"] == command
+    assert command in stderr
+
+    refused = run_cli(tmp_path, f"resume={run.info.run_id}", "optimizer.lr=0.1")
+    assert refused.returncode == 1 and "optimizer.lr differ from the run being resumed" in refused.stderr
+    other_seed = [a for a in args if not a.startswith("seed=")] + ["seed=8"]
+    none = run_cli(tmp_path, "resume=last", *other_seed)
+    assert none.returncode == 1 and "no interrupted run of this experiment has this config" in none.stderr
+    longer = run_cli(tmp_path, "resume=last", *args, "epochs=4")  # the same config; epochs may grow
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    (done,) = store_runs(tmp_path / "outputs" / "mlflow.db")
+    assert done.info.status == "FINISHED" and done.info.run_id == run.info.run_id
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3, 4]
