@@ -169,30 +169,44 @@ def has_metric(store: Path, key: str) -> bool:
         return False
 
 
-def interrupt_once_training(cwd: Path, *args: str) -> tuple[int, str]:
-    """Start visiontune-train, press Ctrl-C once a run has logged an epoch; (exit code, stderr)."""
-    import signal
+@contextlib.contextmanager
+def after_first_epoch(cwd: Path, *args: str, poll: float = 0.1):
+    """visiontune-train running in `cwd`, handed over once a run has logged an epoch.
+
+    Yields a namespace with the process; after the block, its exit code is there and `stderr`
+    holds what it printed. The process never outlives the block.
+    """
     import time
+    from types import SimpleNamespace
 
     process = subprocess.Popen(
         [sys.executable, "-m", "visiontune.cli", *args],
-        cwd=cwd,
-        env=cli_env(cwd),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        **{
+            "cwd": cwd,
+            "env": cli_env(cwd),
+            "stdout": subprocess.DEVNULL,
+            "stderr": subprocess.PIPE,
+            "text": True,
+        },
     )
-    store = cwd / "outputs" / "mlflow.db"
+    running = SimpleNamespace(process=process, stderr="")
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not has_metric(store, "val_acc"):
-            time.sleep(0.5)
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
+        while time.monotonic() < deadline and not has_metric(cwd / "outputs" / "mlflow.db", "val_acc"):
+            time.sleep(poll)
+        yield running
+        running.stderr = process.communicate(timeout=180)[1]
     finally:
         process.kill()
-        leftover = process.communicate()
-    return process.returncode, stderr if process.returncode is not None else leftover[1]
+
+
+def interrupt_once_training(cwd: Path, *args: str) -> tuple[int, str]:
+    """Start visiontune-train, press Ctrl-C once a run has logged an epoch; (exit code, stderr)."""
+    import signal
+
+    with after_first_epoch(cwd, *args, poll=0.5) as running:
+        running.process.send_signal(signal.SIGINT)
+    return running.process.returncode, running.stderr
 
 
 def prepare_model(model_name: str, mode: str, standin_weights=None, num_classes: int = 2, *overrides: str):

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import cli_env, has_metric, make_image_folder, run_cli, store_runs
+from conftest import after_first_epoch, make_image_folder, run_cli, store_runs
 
 
 @pytest.fixture(scope="module")
@@ -26,19 +23,9 @@ def train_args(folder, workers: int) -> list[str]:
 
 def stop_after_first_epoch(cwd, args, how: int) -> tuple[int, str]:
     """Start a run, send it `how` once epoch 1 is in the store; (exit code, stderr)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "visiontune.cli", *args],
-        **{"cwd": cwd, "env": cli_env(cwd), "stderr": subprocess.PIPE, "text": True},
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not has_metric(cwd / "outputs" / "mlflow.db", "val_acc"):
-            time.sleep(0.05)
-        process.send_signal(how)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    return process.returncode, stderr
+    with after_first_epoch(cwd, *args, poll=0.05) as running:
+        running.process.send_signal(how)
+    return running.process.returncode, running.stderr
 
 
 def history(cwd, run) -> dict:

@@ -328,31 +328,20 @@ def test_cli_starts_without_importing_torch_or_mlflow():
 def test_a_store_locked_mid_run_never_records_the_run_as_finished(tmp_path, tiny_folder):
     """Another program holds the SQLite file past MLflow's 20 s wait: FAILED once it lets go."""
     import sqlite3
-    import subprocess
-    import sys
     import time
 
-    from conftest import has_metric
+    from conftest import after_first_epoch
 
     args = [f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST[1:], "epochs=500"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "visiontune.cli", *args],
-        **{"cwd": tmp_path, "env": cli_env(tmp_path), "stderr": subprocess.PIPE, "text": True},
-    )
     store = tmp_path / "outputs" / "mlflow.db"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not has_metric(store, "val_acc"):
-            time.sleep(0.2)
+    with after_first_epoch(tmp_path, *args, poll=0.2) as running:
         holder = sqlite3.connect(store, timeout=30, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")
         time.sleep(45)  # past MLflow's 20 s busy timeout: the next write fails
         holder.execute("ROLLBACK")
         holder.close()
-        _, stderr = process.communicate(timeout=180)
-    finally:
-        process.kill()
-    assert process.returncode == 1, stderr[-3000:]
+    stderr = running.stderr
+    assert running.process.returncode == 1, stderr[-3000:]
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "database is locked" in errors[0] and str(store) in errors[0], stderr[-2000:]

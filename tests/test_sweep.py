@@ -233,28 +233,16 @@ def _loky_workers(pid: int) -> list[int]:
 def test_a_killed_joblib_worker_stops_the_sweep_in_one_line_with_nothing_left_running(tmp_path, tiny_folder):
     import os
     import signal
-    import subprocess
-    import sys
-    import time
 
-    from conftest import cli_env, has_metric
+    from conftest import after_first_epoch
 
     fast = [o for o in FAST if not o.startswith("epochs=")]
     args = ["-m", "seed=1,2,3,4", f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *fast]
     args += ["epochs=300", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "mlflow.log_model=false"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "visiontune.cli", *args],
-        **{"cwd": tmp_path, "env": cli_env(tmp_path), "stderr": subprocess.PIPE, "text": True},
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not has_metric(tmp_path / "outputs" / "mlflow.db", "val_acc"):
-            time.sleep(0.3)
-        os.kill(_loky_workers(process.pid)[0], signal.SIGKILL)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 1
+    with after_first_epoch(tmp_path, *args, poll=0.3) as running:
+        os.kill(_loky_workers(running.process.pid)[0], signal.SIGKILL)
+    stderr = running.stderr
+    assert running.process.returncode == 1
     assert "Traceback" not in stderr, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "worker process of the joblib launcher died" in errors[0], stderr[-3000:]
