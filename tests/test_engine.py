@@ -90,7 +90,7 @@ def test_fit_restores_the_best_epochs_weights_and_reports_each_epoch():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     reports, snapshots = [], {}
 
-    def on_epoch(report):
+    def on_epoch(report, progress):
         reports.append(report)
         snapshots[report.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -119,6 +119,6 @@ def test_a_nonfinite_training_loss_stops_fit_naming_epoch_and_batch():
     training = cpu_training(prepared, torch.optim.SGD(model.parameters(), lr=0.1), epochs=3)
     reports = []
     with pytest.raises(engine.NonFiniteLoss, match="in epoch 1, first at batch 2 of 3") as stopped:
-        engine.fit(training, loaders, on_epoch=reports.append)
+        engine.fit(training, loaders, on_epoch=lambda report, progress: reports.append(report))
     assert "lower optimizer.lr (it is 0.1)" in str(stopped.value)
     assert reports == [], "no epoch with a non-finite loss is reported, let alone kept as best"
