@@ -72,6 +72,16 @@ def test_a_killed_run_resumes_into_the_same_run_and_ends_exactly_as_an_uninterru
     assert killed.info.status == "RUNNING", "SIGKILL cannot be caught: the store still says RUNNING"
     assert len(history(tmp_path, killed)["val_acc"]) < 3, "killed before its end"
 
+    # The ghost is found (its process is dead), listed with the command that continues it, and
+    # with --mark-failed no longer shows as RUNNING; resuming works either way.
+    listing = run_cli(tmp_path, *(["--mark-failed"] if workers else []), module="visiontune.runs")
+    assert listing.returncode == 0, listing.stderr
+    assert f"{killed.info.run_id} resnet-scratch: its process" in listing.stdout
+    assert f"resume with: visiontune-train resume={killed.info.run_id}" in listing.stdout
+    if workers:
+        assert store_runs(tmp_path / "outputs" / "mlflow.db")[0].info.status == "FAILED"
+        assert "no run is left RUNNING" in run_cli(tmp_path, module="visiontune.runs").stdout
+
     result = run_cli(tmp_path, f"resume={killed.info.run_id}")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
@@ -86,7 +96,11 @@ def test_a_killed_run_resumes_into_the_same_run_and_ends_exactly_as_an_uninterru
 
 def test_sigterm_stops_with_143_then_resume_last_continues_it(tmp_path, folder):
     args = train_args(folder, 0)
-    code, stderr = stop_after_first_epoch(tmp_path, args, signal.SIGTERM)
+    with after_first_epoch(tmp_path, *args, poll=0.05) as running:
+        live = run_cli(tmp_path, module="visiontune.runs")  # a run in progress is no ghost
+        running.process.send_signal(signal.SIGTERM)
+    code, stderr = running.process.returncode, running.stderr
+    assert "no run is left RUNNING by a dead process" in live.stdout, live.stdout + live.stderr
     assert code == 143, stderr[-3000:]
     assert "Traceback" not in stderr
     (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")

@@ -108,6 +108,7 @@ def record_start(cfg: DictConfig, job: Job, saved) -> None:
     if saved is None:
         store.log_files(job.output_dir / ".hydra", "hydra")
         warn_unused_weights(config.mode_of(cfg.mode), job.overrides)
+    store.set_tags({store.PROCESS_TAG: store.this_process()})  # tells a dead process's run from a live one
     if cfg.checkpoint.every_epochs:
         folder = str(job.output_dir / "checkpoints")
         digest = checkpoint.digest(checkpoint.flat_config(cfg))

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -42,6 +43,13 @@ ERROR_TAG = "error"
 CHECKPOINT_TAG = "visiontune.checkpoint"  # the folder of a run's checkpoints
 DIGEST_TAG = "visiontune.config_digest"  # what resume=last matches a run on
 RESUME_TAG = "visiontune.resume_command"  # set on a run stopped early: how to continue it
+PROCESS_TAG = "visiontune.process"  # host:pid of the process writing the run, to tell dead ones
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 SQLITE_PREFIX = "sqlite:///"
 # How long a run's end status is retried while another process holds the store (MLflow's SQLite
 # connections already wait 20 s per attempt): long enough to outlast a backup or a slow reader.
@@ -445,8 +453,9 @@ class ParentRun:
 
     @classmethod
     def start(cls, uri: str, experiment_id: str, name: str, tags: Mapping[str, str]) -> ParentRun:
+        tags = {**tags, PROCESS_TAG: this_process()}
         with deferred_interrupt():  # the id must be kept once the run exists
-            run = MlflowClient(uri).create_run(experiment_id, run_name=name, tags=dict(tags))
+            run = MlflowClient(uri).create_run(experiment_id, run_name=name, tags=tags)
         return cls(uri, run.info.run_id)
 
     def close_orphans(self, status: str) -> None:
@@ -471,3 +480,12 @@ class ParentRun:
         if error is not None:
             client.set_tag(self.run_id, ERROR_TAG, shorten(error, TAG_VALUE_LIMIT))
         client.set_terminated(self.run_id, status)
+
+
+# --- runs whose process died ------------------------------------------------------------------------
+
+
+def mark_failed(client: MlflowClient, run_id: str, reason: str) -> None:
+    with _writing("mark a run FAILED"):
+        client.set_tag(run_id, ERROR_TAG, shorten(reason, TAG_VALUE_LIMIT))
+        client.set_terminated(run_id, "FAILED")
