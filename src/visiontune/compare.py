@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from visiontune import commands
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -18,18 +20,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("--parent", help="the children of this sweep's parent run id")
     which.add_argument("--run-ids", nargs="+", metavar="ID", help="these runs")
     parser.add_argument("--out", type=Path, required=True, help="folder for the PNG, CSV and markdown")
-    parser.add_argument(
-        "--tracking-uri", help="store to read (default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db)"
-    )
+    commands.add_store_option(parser)
     args = parser.parse_args(argv)
 
     from mlflow.exceptions import MlflowException
 
     from visiontune import VisiontuneError, report, store
 
-    uri = store.tracking_uri(args.tracking_uri, Path.cwd())
-    if store.missing_store(uri):
-        parser.error(f"no MLflow store at {uri}: run visiontune-train first or pass --tracking-uri")
+    uri = commands.store_uri(parser, args)
     try:
         client = store.open_store(uri)
         runs = report.select_runs(client, args.experiment, args.parent, args.run_ids or ())

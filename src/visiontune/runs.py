@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from visiontune import commands
+
 
 def process_state(tag: str | None) -> str:
     """dead, alive, or unknown (another host, or a run visiontune did not start) for a host:pid tag."""
@@ -30,16 +32,12 @@ def process_state(tag: str | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visiontune-runs", description=__doc__.splitlines()[0])
     parser.add_argument("--mark-failed", action="store_true", help="mark the dead processes' runs FAILED")
-    parser.add_argument(
-        "--tracking-uri", help="store to read (default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db)"
-    )
+    commands.add_store_option(parser)
     args = parser.parse_args(argv)
 
     from visiontune import VisiontuneError, store
 
-    uri = store.tracking_uri(args.tracking_uri, Path.cwd())
-    if store.missing_store(uri):
-        parser.error(f"no MLflow store at {uri}: run visiontune-train first or pass --tracking-uri")
+    uri = commands.store_uri(parser, args)
     try:
         client = store.open_store(uri)
         ghosts = _dead_runs(client)

@@ -7,7 +7,8 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+
+from visiontune import commands
 
 # MLflow 3.17's UI ignores the experiment's kind tag and opens on its GenAI view unless the
 # page's URL (or the browser's remembered sidebar switch) asks for Model training.
@@ -33,19 +34,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--experiment", default="visiontune", help="experiment to open first")
-    parser.add_argument(
-        "--tracking-uri", help="store to serve (default: $MLFLOW_TRACKING_URI, else ./outputs/mlflow.db)"
-    )
+    commands.add_store_option(parser, "serve")
     args = parser.parse_args(argv)
 
     from visiontune import store
 
-    uri = store.tracking_uri(args.tracking_uri, Path.cwd())
+    uri = commands.store_uri(parser, args)
     if uri.startswith(("http://", "https://")):
         print(f"{uri} is an MLflow server: its UI is at {uri}")
         return 0
-    if store.missing_store(uri):
-        parser.error(f"no MLflow store at {uri}: run visiontune-train here first, or pass --tracking-uri")
     if not _can_listen(args.host, args.port):
         print(
             f"visiontune-ui: error: port {args.port} on {args.host} is taken: pass --port N", file=sys.stderr
