@@ -219,7 +219,7 @@ def prepare_model(model_name: str, mode: str, standin_weights=None, num_classes:
     spec, parsed = config.model_spec(cfg.model), config.mode_of(cfg.mode)
     weights = None
     if parsed.pretrained:
-        weights = models.Weights(spec.arch, str(standin_weights(spec.arch)), from_torchvision=False)
+        weights = models.Weights(spec.arch, str(standin_weights(spec.arch)), kind="file")
     torch.manual_seed(0)
     return models.prepare(spec, parsed, num_classes, weights)
 

@@ -26,7 +26,7 @@ def head_param_names(model: nn.Module, heads) -> set[str]:
 
 
 def file_weights(arch: str, path) -> models.Weights:
-    return models.Weights(arch, str(path), from_torchvision=False)
+    return models.Weights(arch, str(path), kind="file")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -122,7 +122,7 @@ def test_weights_api_reads_torch_home_cache(tmp_path, monkeypatch, standin_weigh
     cached.write_bytes(standin_weights("squeezenet1_0").read_bytes())
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     weights = models.resolve_weights("squeezenet1_0", "DEFAULT", tmp_path)
-    assert weights.from_torchvision
+    assert weights.kind == "torchvision"
     model = models.build_model(SPECS["squeezenet"], 2, weights)
     reference = torch.load(cached, weights_only=True)
     assert torch.equal(model.features[0].weight, reference["features.0.weight"])

@@ -484,3 +484,30 @@ def test_inception_trains_when_the_last_training_batch_would_hold_one_image(tmp_
     assert "the last training batch would hold 1 image(s)" in result.stderr
     (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
     assert run.info.status == "FINISHED"
+
+
+def test_fine_tune_a_logged_model_on_data_with_more_classes(workspace, tmp_path):
+    """model.weights=runs:/<id>/model: the 2-class run's backbone, a new 3-class head."""
+    import mlflow
+    import torch
+
+    (source,) = [
+        r for r in store_runs(workspace / "outputs" / "mlflow.db") if r.info.run_name == "squeezenet-scratch"
+    ][:1]
+    three = make_image_folder(tmp_path / "three", {"train": 3, "val": 2}, classes=("ants", "bees", "wasps"))
+    before = snapshot(workspace)
+    args = [f"data.root={three}", "data=imagefolder", "mode=feature_extract", *FAST]
+    result = run_cli(workspace, *args, f"model.weights=runs:/{source.info.run_id}/model")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (new,) = [r for r in store_runs(workspace / "outputs" / "mlflow.db") if r.info.run_id not in before]
+    assert new.data.params["num_classes"] == "3"
+    assert new.data.params["model.weights"] == f"runs:/{source.info.run_id}/model"
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'outputs' / 'mlflow.db'}")
+    old = mlflow.pytorch.load_model(f"runs:/{source.info.run_id}/model").state_dict()
+    tuned = mlflow.pytorch.load_model(f"runs:/{new.info.run_id}/model").state_dict()
+    assert tuned["classifier.1.weight"].shape[0] == 3
+    backbone = [k for k in old if not k.startswith("classifier.1.")]
+    assert all(torch.equal(old[k], tuned[k]) for k in backbone), "the frozen backbone is the logged one"
+
+    wrong = run_cli(workspace, *args, "model=resnet", f"model.weights=runs:/{source.info.run_id}/model")
+    assert wrong.returncode == 1 and "is not a resnet18 model" in wrong.stderr

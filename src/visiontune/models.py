@@ -21,26 +21,32 @@ from visiontune.config import Mode, ModelSpec
 IMAGENET_CLASSES = 1000
 
 
+MLFLOW_MODEL_PREFIXES = ("runs:/", "models:/")
+
+
 @dataclass(frozen=True)
 class Weights:
-    """Pretrained weights, their source decided once: torchvision's weights API or a state-dict file."""
+    """Pretrained weights, their source decided once: torchvision's weights API, a state-dict
+    file, or a model logged in MLflow (a visiontune run's, to fine-tune it further)."""
 
     arch: str
-    name: str  # a torchvision weights name (DEFAULT, IMAGENET1K_V1) or an absolute file path
-    from_torchvision: bool
+    name: str  # a torchvision weights name, an absolute file path, or runs:/<id>/model, models:/...
+    kind: str  # "torchvision", "file" or "mlflow"
 
     def __str__(self) -> str:  # what the run records
         return self.name
 
 
 def resolve_weights(arch: str, value: str | None, launch_dir: Path) -> Weights | None:
-    """`model.weights` as given: None, a torchvision weights name, or a file relative to the launch dir."""
+    """`model.weights` as given: None, a weights name, an MLflow model URI, or a launch-dir-relative file."""
     if value is None:
         return None
     value = str(value)
     if value == "DEFAULT" or value in tv_models.get_model_weights(arch).__members__:
-        return Weights(arch, value, from_torchvision=True)
-    return Weights(arch, str((launch_dir / value).resolve()), from_torchvision=False)
+        return Weights(arch, value, kind="torchvision")
+    if value.startswith(MLFLOW_MODEL_PREFIXES):
+        return Weights(arch, value, kind="mlflow")
+    return Weights(arch, str((launch_dir / value).resolve()), kind="file")
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,11 @@ def prepare(spec: ModelSpec, mode: Mode, num_classes: int, weights: Weights | No
 
 def build_model(spec: ModelSpec, num_classes: int, weights: Weights | None) -> nn.Module:
     """`spec.arch` with `weights` (random init when None) and fresh `num_classes` heads."""
+    if weights is not None and weights.kind == "mlflow":
+        return _from_logged_model(spec, weights.name, num_classes)
     if weights is None:
         model = tv_models.get_model(spec.arch, weights=None, **spec.scratch_kwargs)
-    elif weights.from_torchvision:
+    elif weights.kind == "torchvision":
         model = _from_weights_api(spec.arch, tv_models.get_model_weights(spec.arch)[weights.name])
     else:
         model = tv_models.get_model(
@@ -94,6 +102,31 @@ def build_model(spec: ModelSpec, num_classes: int, weights: Weights | None) -> n
         model.load_state_dict(_read_state_dict(Path(weights.name), spec.arch, model))
     for path in spec.heads:  # loaded at 1000 classes, then swapped: torchvision refuses other counts
         replace_head(model, path, num_classes)
+    return model
+
+
+def _from_logged_model(spec: ModelSpec, uri: str, num_classes: int) -> nn.Module:
+    """A model logged by an earlier visiontune run: its backbone, and its heads where the classes match.
+
+    Heads with another class count are made new: fine-tuning a fine-tuned model on new data.
+    """
+    from visiontune import store
+
+    logged = store.load_model(uri).state_dict()
+    model = tv_models.get_model(spec.arch, weights=None, **spec.pretrained_kwargs)
+    for path in spec.heads:
+        replace_head(model, path, num_classes)
+    own = model.state_dict()
+    heads = {k for k in own if k.startswith(tuple(f"{h}." for h in spec.heads))}
+    keep_heads = all(k in logged and logged[k].shape == own[k].shape for k in heads)
+    wanted = [k for k in own if keep_heads or k not in heads]
+    unfit = [k for k in wanted if k not in logged or logged[k].shape != own[k].shape]
+    if unfit:
+        raise VisiontuneError(
+            f"model.weights={uri} is not a {spec.arch} model ({len(unfit)} tensors missing or of another "
+            f"shape, e.g. {unfit[:2]}): pick the model=... it was trained as"
+        )
+    model.load_state_dict({k: logged[k] for k in wanted}, strict=False)
     return model
 
 

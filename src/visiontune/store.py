@@ -434,6 +434,17 @@ def log_model(model, example) -> str:
     return info.model_uri
 
 
+def load_model(uri: str):
+    """The PyTorch module of a logged model (runs:/<id>/model, models:/<name>/<version or @alias>)."""
+    try:
+        return mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as err:
+        raise VisiontuneError(
+            f"model.weights={uri}: cannot load that MLflow model from {redact(mlflow.get_tracking_uri())} "
+            f"({_root_cause(err)}). Check the run id or model name (visiontune-ui shows them)."
+        ) from err
+
+
 # --- a sweep's parent run -----------------------------------------------------------------------
 
 
