@@ -249,3 +249,68 @@ def test_a_killed_joblib_worker_stops_the_sweep_in_one_line_with_nothing_left_ru
     parent, children = parent_and_children(tmp_path)
     assert parent.info.status == "FAILED" and parent.info.run_id in errors[0]
     assert children and all(c.info.status == "FAILED" for c in children), "nothing left RUNNING"
+
+
+def _finished_runs(store) -> int:
+    """How many runs the store holds as FINISHED, read without MLflow (nothing is migrated)."""
+    import contextlib
+    import sqlite3
+
+    if not store.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_a_killed_sweep_resumed_with_resume_last_trains_only_what_is_left(tmp_path, tiny_folder):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli_env
+
+    fast = [o for o in FAST if not o.startswith("epochs=")]
+    args = [
+        "-m",
+        "seed=1,2,3,4",
+        f"data.root={tiny_folder}",
+        "data=imagefolder",
+        "mode=scratch",
+        *fast,
+        "epochs=3",
+    ]
+    store = tmp_path / "outputs" / "mlflow.db"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "visiontune.cli", *args, "mlflow.log_model=false"],
+        **{
+            "cwd": tmp_path,
+            "env": cli_env(tmp_path),
+            "stdout": subprocess.DEVNULL,
+            "stderr": subprocess.DEVNULL,
+        },
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and _finished_runs(store) < 2:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    parent, children = parent_and_children(tmp_path)
+    done_before = {c.info.run_id: c.info.end_time for c in children if c.info.status == "FINISHED"}
+    assert len(done_before) == 2 and parent.info.status == "RUNNING", "killed half-way"
+
+    result = run_cli(tmp_path, *args, "mlflow.log_model=false", "resume=last")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed_parent, children = parent_and_children(tmp_path)
+    assert resumed_parent.info.run_id == parent.info.run_id and resumed_parent.info.status == "FINISHED"
+    assert sorted(c.data.params["seed"] for c in children) == ["1", "2", "3", "4"], "one child per job"
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert {c.info.run_id: c.info.end_time for c in children if c.info.run_id in done_before} == done_before
+    assert result.stderr.count("not trained again") == 2
+    assert len(summary(tmp_path, resumed_parent)) == 4, "the leaderboard covers every job"

@@ -60,20 +60,55 @@ def run(cfg: DictConfig) -> float:
     job = Job.from_hydra()
     uri = store.tracking_uri(cfg.mlflow.tracking_uri, job.launch_dir)
     experiment_id = store.ensure_experiment(uri, cfg.mlflow.experiment_name)
-    saved = checkpoint.find(cfg.resume, store.open_store(uri), experiment_id, cfg) if cfg.resume else None
+    earlier = find_earlier(cfg, job, store.open_store(uri), experiment_id)
+    if earlier.finished is not None:  # a resumed sweep's job that already ran to its end
+        log.info("already FINISHED as MLflow run %s: not trained again", earlier.finished.info.run_id)
+        return earlier.finished.data.metrics.get("best_val_acc", 0.0)
+    return train(cfg, job, uri, store.RunStart(experiment_id, "", {}, run_id=earlier.run_id), earlier.saved)
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """What `resume=` found: a checkpoint to continue, a run to continue without one, or a finished run."""
+
+    saved: checkpoint.Saved | None = None
+    run_id: str | None = None
+    finished: object | None = None  # an MLflow Run
+
+
+def find_earlier(cfg: DictConfig, job: Job, client, experiment_id: str) -> Earlier:
+    """A single run resumes what resume= names; a sweep's job, its own child of the reopened parent."""
+    if not cfg.resume:
+        return Earlier()
+    parent_id, _ = sweep.read_handoff(job.sweep_dir)
+    if parent_id is None:
+        saved = checkpoint.find(cfg.resume, client, experiment_id, cfg)
+        return Earlier(saved, saved.run_id)
+    child = store.child_for(client, parent_id, sweep.overrides_key(job.overrides))
+    if child is None:  # never started
+        return Earlier()
+    if child.info.status == "FINISHED":
+        return Earlier(finished=child)
+    folder = Path(child.data.tags.get(store.CHECKPOINT_TAG, "/nonexistent"))
+    saved = checkpoint.read(folder) if (folder / checkpoint.LAST).is_file() else None
+    return Earlier(saved, child.info.run_id)  # without a checkpoint: the same run, from its start
+
+
+def train(cfg: DictConfig, job: Job, uri: str, start: store.RunStart, saved) -> float:
+    """The run's steps: open it, check the data, prepare the model, fit, record."""
     cfg = checkpoint.resumed_config(saved, cfg, job.overrides) if saved else cfg
     spec, mode = config.model_spec(cfg.model), config.mode_of(cfg.mode)
-    with store.tracked_run(uri, run_start(cfg, job, experiment_id, saved)) as active:
+    with store.tracked_run(uri, run_start(cfg, job, start)) as active:
         run_id = active.info.run_id
         try:
             config.check_values(cfg)  # the CLI checked a single run's values; a sweep's job is a FAILED child
-            record_start(cfg, job, saved)
+            record_start(cfg, job, start.run_id)
             device = pick_device(str(cfg.device))
             checked = check_data(cfg.data, job.launch_dir)
             torch.manual_seed(cfg.seed)
             weights = models.resolve_weights(spec.arch, cfg.model.weights, job.launch_dir)
             prepared = models.prepare(spec, mode, len(checked.classes), weights)
-            if saved is None:  # a continued run keeps the params it started with
+            if start.run_id is None:  # a continued run keeps the params it started with
                 store.log_params(run_params(cfg, checked, prepared, device))
             announce(prepared, mode, checked, device)
             loaders = build_loaders(cfg, checked, prepared, device)
@@ -87,7 +122,7 @@ def run(cfg: DictConfig) -> float:
             say_how_to_resume(run_id, job.output_dir / "checkpoints")
             raise
         finally:
-            store.log_files(job.log_file, f"resumed-{job.output_dir.name}" if saved else None)
+            store.log_files(job.log_file, f"resumed-{job.output_dir.name}" if start.run_id else None)
     if not cfg.checkpoint.keep_after_finish:  # the best model is in MLflow; a finished run needs no more
         shutil.rmtree(job.output_dir / "checkpoints", ignore_errors=True)
     model = f"; its model: runs:/{run_id}/model" if cfg.mlflow.log_model else ""
@@ -95,17 +130,20 @@ def run(cfg: DictConfig) -> float:
     return result.best_acc
 
 
-def run_start(cfg: DictConfig, job: Job, experiment_id: str, saved) -> store.RunStart:
-    """A new run (a sweep's child where there is a sweep), or the saved run to continue."""
+def run_start(cfg: DictConfig, job: Job, start: store.RunStart) -> store.RunStart:
+    """A new run (a sweep's child where there is a sweep), or the earlier run to continue."""
+    if start.run_id is not None:
+        return start
     spec, mode = config.model_spec(cfg.model), config.mode_of(cfg.mode)
     parent_id, varied = sweep.read_handoff(job.sweep_dir)
     name = run_name(spec, mode, varied, job.number)
-    return store.RunStart(experiment_id, name, run_tags(cfg, job), parent_id, saved.run_id if saved else None)
+    tags = run_tags(cfg, job) | {store.JOB_TAG: sweep.overrides_key(job.overrides)}
+    return store.RunStart(start.experiment_id, name, tags, parent_id)
 
 
-def record_start(cfg: DictConfig, job: Job, saved) -> None:
+def record_start(cfg: DictConfig, job: Job, continued: str | None) -> None:
     """The composed config (new runs), and where this run's checkpoints go and what they match."""
-    if saved is None:
+    if continued is None:
         store.log_files(job.output_dir / ".hydra", "hydra")
         warn_unused_weights(config.mode_of(cfg.mode), job.overrides)
     store.set_tags({store.PROCESS_TAG: store.this_process()})  # tells a dead process's run from a live one

@@ -43,6 +43,7 @@ ERROR_TAG = "error"
 CHECKPOINT_TAG = "visiontune.checkpoint"  # the folder of a run's checkpoints
 DIGEST_TAG = "visiontune.config_digest"  # what resume=last matches a run on
 RESUME_TAG = "visiontune.resume_command"  # set on a run stopped early: how to continue it
+JOB_TAG = "visiontune.job"  # a sweep child's overrides key: what a resumed sweep finds it by
 PROCESS_TAG = "visiontune.process"  # host:pid of the process writing the run, to tell dead ones
 
 
@@ -448,6 +449,12 @@ def load_model(uri: str):
 # --- a sweep's parent run -----------------------------------------------------------------------
 
 
+def child_for(client: MlflowClient, parent_run_id: str, job_key: str):
+    """The run a sweep's job (by its overrides' key) left under `parent_run_id`, newest first; or None."""
+    found = [run for run in children_of(client, parent_run_id) if run.data.tags.get(JOB_TAG) == job_key]
+    return max(found, key=lambda run: run.info.start_time) if found else None
+
+
 def children_of(client: MlflowClient, parent_run_id: str) -> list:
     """Every run nested under `parent_run_id`."""
     experiment_id = client.get_run(parent_run_id).info.experiment_id
@@ -468,6 +475,28 @@ class ParentRun:
         with deferred_interrupt():  # the id must be kept once the run exists
             run = MlflowClient(uri).create_run(experiment_id, run_name=name, tags=tags)
         return cls(uri, run.info.run_id)
+
+    @classmethod
+    def reopen(cls, uri: str, experiment_id: str, which: str, key: str) -> ParentRun:
+        """A stopped sweep's parent, RUNNING again: `which` is its run id, or last (same overrides)."""
+        client = MlflowClient(uri)
+        query = f"tags.`visiontune.sweep` = 'parent' and tags.`sweep.key` = '{key}'"
+        if which != "last":
+            query += f" and attributes.run_id = '{which}'"
+        else:
+            query += " and attributes.status != 'FINISHED'"
+        found = client.search_runs(
+            [experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+        )
+        if not found:
+            raise VisiontuneError(
+                f"resume={which}: no stopped sweep in this experiment has these overrides; give the same "
+                f"command as the sweep to resume (plus resume=last), or its parent run id"
+            )
+        with _writing("reopen the sweep's parent run"):
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            client.set_tag(found[0].info.run_id, PROCESS_TAG, this_process())
+        return cls(uri, found[0].info.run_id)
 
     def close_orphans(self, status: str) -> None:
         """Children still RUNNING once their jobs are over died without reporting (killed, OOM)."""

@@ -9,6 +9,7 @@ parent gets the sweep's leaderboard and accuracy overlay.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import signal
@@ -27,6 +28,12 @@ log = logging.getLogger("visiontune")
 # A multirun's parent run id and the keys it varies, written once into the sweep folder before
 # any job starts, so that jobs in this process and in joblib's worker processes all find them.
 SWEEP_FILE = ".mlflow_sweep.json"
+
+
+def overrides_key(overrides) -> str:
+    """What identifies a sweep, or one of its jobs, across re-runs: its overrides, `resume=` aside."""
+    kept = sorted(o for o in overrides if not o.startswith("resume="))
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
 
 
 def write_handoff(sweep_dir: Path, parent_run_id: str, varied: list[str]) -> None:
@@ -123,14 +130,9 @@ class MlflowSweep(Callback):
             _fail(f"{len(failed)} of {total} jobs failed: {', '.join(failed)}")
 
     def _open_parent(self, config: DictConfig) -> None:
-        from visiontune import VisiontuneError, redact, store
+        from visiontune import redact, store
 
         check_sweeper(config.hydra.sweeper)
-        if config.get("resume"):
-            raise VisiontuneError(
-                f"resume={config.resume} continues one run; resuming a sweep is not supported yet: "
-                f"resume its interrupted children one by one (their {store.RESUME_TAG} tag), or run it again"
-            )
         launch_dir = Path(config.hydra.runtime.cwd)
         uri = store.tracking_uri(config.mlflow.tracking_uri, launch_dir)
         experiment_id = store.ensure_experiment(uri, config.mlflow.experiment_name)
@@ -142,14 +144,19 @@ class MlflowSweep(Callback):
         atexit.register(self._end_abandoned)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._note_interrupt)
-        tags = {
-            "visiontune.sweep": "parent",
-            "sweep.varied": ",".join(varied),
-            "sweep.overrides": store.shorten(redact(" ".join(overrides)), store.TAG_VALUE_LIMIT),
-            "sweep.dir": str(sweep_dir),
-        }
-        name = f"sweep-{'-'.join(varied) or 'jobs'}-{sweep_dir.name}"
-        self.parent = store.ParentRun.start(uri, experiment_id, name, tags)
+        key = overrides_key(overrides)
+        if config.get("resume"):  # the stopped sweep's parent; its jobs find their own children
+            self.parent = store.ParentRun.reopen(uri, experiment_id, str(config.resume), key)
+        else:
+            tags = {
+                "visiontune.sweep": "parent",
+                "sweep.varied": ",".join(varied),
+                "sweep.overrides": store.shorten(redact(" ".join(overrides)), store.TAG_VALUE_LIMIT),
+                "sweep.dir": str(sweep_dir),
+                "sweep.key": key,
+            }
+            name = f"sweep-{'-'.join(varied) or 'jobs'}-{sweep_dir.name}"
+            self.parent = store.ParentRun.start(uri, experiment_id, name, tags)
         _OPEN.append(self)
         write_handoff(sweep_dir, self.parent.run_id, varied)
         log.info(
