@@ -64,7 +64,7 @@ def run(cfg: DictConfig) -> float:
     if earlier.finished is not None:  # a resumed sweep's job that already ran to its end
         log.info("already FINISHED as MLflow run %s: not trained again", earlier.finished.info.run_id)
         return earlier.finished.data.metrics.get("best_val_acc", 0.0)
-    return train(cfg, job, uri, store.RunStart(experiment_id, "", {}, run_id=earlier.run_id), earlier.saved)
+    return train(cfg, job, uri, experiment_id, earlier)
 
 
 @dataclass(frozen=True)
@@ -94,21 +94,22 @@ def find_earlier(cfg: DictConfig, job: Job, client, experiment_id: str) -> Earli
     return Earlier(saved, child.info.run_id)  # without a checkpoint: the same run, from its start
 
 
-def train(cfg: DictConfig, job: Job, uri: str, start: store.RunStart, saved) -> float:
+def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earlier) -> float:
     """The run's steps: open it, check the data, prepare the model, fit, record."""
+    saved, continued = earlier.saved, earlier.run_id
     cfg = checkpoint.resumed_config(saved, cfg, job.overrides) if saved else cfg
     spec, mode = config.model_spec(cfg.model), config.mode_of(cfg.mode)
-    with store.tracked_run(uri, run_start(cfg, job, start)) as active:
+    with store.tracked_run(uri, run_start(cfg, job, experiment_id, continued)) as active:
         run_id = active.info.run_id
         try:
             config.check_values(cfg)  # the CLI checked a single run's values; a sweep's job is a FAILED child
-            record_start(cfg, job, start.run_id)
+            record_start(cfg, job, continued)
             device = pick_device(str(cfg.device))
             checked = check_data(cfg.data, job.launch_dir)
             torch.manual_seed(cfg.seed)
             weights = models.resolve_weights(spec.arch, cfg.model.weights, job.launch_dir)
             prepared = models.prepare(spec, mode, len(checked.classes), weights)
-            if start.run_id is None:  # a continued run keeps the params it started with
+            if continued is None:  # a continued run keeps the params it started with
                 store.log_params(run_params(cfg, checked, prepared, device))
             announce(prepared, mode, checked, device)
             loaders = build_loaders(cfg, checked, prepared, device)
@@ -122,7 +123,7 @@ def train(cfg: DictConfig, job: Job, uri: str, start: store.RunStart, saved) -> 
             say_how_to_resume(run_id, job.output_dir / "checkpoints")
             raise
         finally:
-            store.log_files(job.log_file, f"resumed-{job.output_dir.name}" if start.run_id else None)
+            store.log_files(job.log_file, f"resumed-{job.output_dir.name}" if continued else None)
     if not cfg.checkpoint.keep_after_finish:  # the best model is in MLflow; a finished run needs no more
         shutil.rmtree(job.output_dir / "checkpoints", ignore_errors=True)
     model = f"; its model: runs:/{run_id}/model" if cfg.mlflow.log_model else ""
@@ -130,15 +131,15 @@ def train(cfg: DictConfig, job: Job, uri: str, start: store.RunStart, saved) -> 
     return result.best_acc
 
 
-def run_start(cfg: DictConfig, job: Job, start: store.RunStart) -> store.RunStart:
+def run_start(cfg: DictConfig, job: Job, experiment_id: str, continued: str | None) -> store.RunStart:
     """A new run (a sweep's child where there is a sweep), or the earlier run to continue."""
-    if start.run_id is not None:
-        return start
+    if continued is not None:
+        return store.RunStart(experiment_id, name="", tags={}, run_id=continued)
     spec, mode = config.model_spec(cfg.model), config.mode_of(cfg.mode)
     parent_id, varied = sweep.read_handoff(job.sweep_dir)
     name = run_name(spec, mode, varied, job.number)
     tags = run_tags(cfg, job) | {store.JOB_TAG: sweep.overrides_key(job.overrides)}
-    return store.RunStart(start.experiment_id, name, tags, parent_id)
+    return store.RunStart(experiment_id, name, tags, parent_id)
 
 
 def record_start(cfg: DictConfig, job: Job, continued: str | None) -> None:
