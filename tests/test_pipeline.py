@@ -491,9 +491,8 @@ def test_fine_tune_a_logged_model_on_data_with_more_classes(workspace, tmp_path)
     import mlflow
     import torch
 
-    (source,) = [
-        r for r in store_runs(workspace / "outputs" / "mlflow.db") if r.info.run_name == "squeezenet-scratch"
-    ][:1]
+    # The workspace's first run: FINISHED, with its model logged (later tests add other runs).
+    source = min(store_runs(workspace / "outputs" / "mlflow.db"), key=lambda r: r.info.start_time)
     three = make_image_folder(tmp_path / "three", {"train": 3, "val": 2}, classes=("ants", "bees", "wasps"))
     before = snapshot(workspace)
     args = [f"data.root={three}", "data=imagefolder", "mode=feature_extract", *FAST]
