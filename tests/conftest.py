@@ -188,6 +188,7 @@ def after_first_epoch(cwd: Path, *args: str, poll: float = 0.1):
             "stderr": subprocess.PIPE,
             "text": True,
         },
+        start_new_session=True,  # a process group of its own, as a terminal or SLURM gives a job
     )
     running = SimpleNamespace(process=process, stderr="")
     try:

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import multiprocessing
 import shutil
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -497,9 +498,18 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
                 collate_fn=_collate,
                 generator=torch.Generator().manual_seed(settings.seed),
                 drop_last=train and _short_last_batch(len(dataset), settings),
+                worker_init_fn=_leave_signals_to_the_main_process,
             )
         )
     return loaders
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """Workers ignore Ctrl-C and SIGTERM, which terminals, `timeout` and SLURM send to the whole
+    process group: the main process stops the run (KILLED, checkpoint kept) and then its workers.
+    A worker killed first would turn that into a DataLoader error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _short_last_batch(size: int, settings: LoaderSettings) -> bool:
