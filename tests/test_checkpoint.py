@@ -104,10 +104,12 @@ def test_sigterm_stops_with_143_then_resume_last_continues_it(tmp_path, folder):
     ]  # stopped half-way
     with after_first_epoch(tmp_path, *args, poll=0.05) as running:
         live = run_cli(tmp_path, module="visiontune.runs")  # a run in progress is no ghost
+        twice = run_cli(tmp_path, f"resume={store_runs(tmp_path / 'outputs' / 'mlflow.db')[0].info.run_id}")
         # To the whole process group, DataLoader workers included, as `timeout` and SLURM send it.
         os.killpg(running.process.pid, signal.SIGTERM)
     code, stderr = running.process.returncode, running.stderr
     assert "no run is left RUNNING by a dead process" in live.stdout, live.stdout + live.stderr
+    assert twice.returncode == 1 and "is still being trained by process" in twice.stderr, twice.stderr
     assert code == 143, stderr[-3000:]
     assert "Traceback" not in stderr
     (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")

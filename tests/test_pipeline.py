@@ -337,7 +337,7 @@ def test_a_store_locked_mid_run_never_records_the_run_as_finished(tmp_path, tiny
     with after_first_epoch(tmp_path, *args, poll=0.2) as running:
         holder = sqlite3.connect(store, timeout=30, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")
-        time.sleep(45)  # past MLflow's 20 s busy timeout: the next write fails
+        time.sleep(25)  # past MLflow's 20 s busy timeout: the next write fails
         holder.execute("ROLLBACK")
         holder.close()
     stderr = running.stderr

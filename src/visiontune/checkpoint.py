@@ -157,6 +157,21 @@ def _may_differ(key: str) -> bool:
 
 
 def find(value: str, client, experiment_id: str, cfg: DictConfig) -> Saved:
+    """The checkpoint that `resume=<value>` names, of a run no live process is still writing."""
+    saved = _find(value, client, experiment_id, cfg)
+    from visiontune.runs import process_state
+
+    run = client.get_run(saved.run_id)
+    process = run.data.tags.get(store.PROCESS_TAG)
+    if run.info.status == "RUNNING" and process_state(process) == "alive":
+        raise VisiontuneError(
+            f"resume={value}: run {saved.run_id} is still being trained by process {process}; "
+            f"stop that one first (a run continued twice at once would log every epoch twice)"
+        )
+    return saved
+
+
+def _find(value: str, client, experiment_id: str, cfg: DictConfig) -> Saved:
     """The checkpoint that `resume=<value>` names: a run id, a checkpoint file or folder, or last."""
     if value == "last":
         return _newest_interrupted(client, experiment_id, digest(flat_config(cfg)))
