@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from visiontune import VisiontuneError, checkpoint, config, data, engine, models, redact, report, store, sweep
-from visiontune.config import Mode, ModelSpec
+from visiontune.config import Mode
 
 log = logging.getLogger("visiontune")
 
@@ -99,11 +99,12 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
     saved, continued = earlier.saved, earlier.run_id
     cfg = checkpoint.resumed_config(saved, cfg, job.overrides) if saved else cfg
     spec, mode = config.model_spec(cfg.model), config.mode_of(cfg.mode)
-    with store.tracked_run(uri, run_start(cfg, job, experiment_id, continued)) as active:
+    label = f"{spec.name}-{mode.name}"
+    with store.tracked_run(uri, run_start(cfg, job, experiment_id, continued, label)) as active:
         run_id = active.info.run_id
         try:
             config.check_values(cfg)  # the CLI checked a single run's values; a sweep's job is a FAILED child
-            record_start(cfg, job, continued)
+            record_start(cfg, job, continued, mode)
             device = pick_device(str(cfg.device))
             checked = check_data(cfg.data, job.launch_dir)
             torch.manual_seed(cfg.seed)
@@ -118,7 +119,7 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
             on_epoch = EpochRecorder(cfg, job.output_dir / "checkpoints", training, run_id, saved)
             result = engine.fit(training, loaders, cfg.data.val_cache_mb * 2**20, on_epoch, progress)
             store.log_metrics({"skipped_images": skipped_images(checked, loaders)})
-            record(result, f"{spec.name}-{mode.name}", loaders["val"], prepared, cfg.mlflow.log_model)
+            record(result, label, loaders["val"], prepared, cfg.mlflow.log_model)
         except KeyboardInterrupt:
             say_how_to_resume(run_id, job.output_dir / "checkpoints")
             raise
@@ -131,27 +132,28 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
     return result.best_acc
 
 
-def run_start(cfg: DictConfig, job: Job, experiment_id: str, continued: str | None) -> store.RunStart:
+def run_start(
+    cfg: DictConfig, job: Job, experiment_id: str, continued: str | None, label: str
+) -> store.RunStart:
     """A new run (a sweep's child where there is a sweep), or the earlier run to continue."""
     if continued is not None:
         return store.RunStart(experiment_id, name="", tags={}, run_id=continued)
-    spec, mode = config.model_spec(cfg.model), config.mode_of(cfg.mode)
     parent_id, varied = sweep.read_handoff(job.sweep_dir)
-    name = run_name(spec, mode, varied, job.number)
+    name = run_name(label, varied, job.number)
     tags = run_tags(cfg, job) | {store.JOB_TAG: sweep.overrides_key(job.overrides)}
     return store.RunStart(experiment_id, name, tags, parent_id)
 
 
-def record_start(cfg: DictConfig, job: Job, continued: str | None) -> None:
+def record_start(cfg: DictConfig, job: Job, continued: str | None, mode: Mode) -> None:
     """The composed config (new runs), and where this run's checkpoints go and what they match."""
     if continued is None:
         store.log_files(job.output_dir / ".hydra", "hydra")
-        warn_unused_weights(config.mode_of(cfg.mode), job.overrides)
-    store.set_tags({store.PROCESS_TAG: store.this_process()})  # tells a dead process's run from a live one
+        warn_unused_weights(mode, job.overrides)
+    tags = {store.PROCESS_TAG: store.this_process()}  # tells a dead process's run from a live one
     if cfg.checkpoint.every_epochs:
-        folder = str(job.output_dir / "checkpoints")
-        digest = checkpoint.digest(checkpoint.flat_config(cfg))
-        store.set_tags({checkpoint.FOLDER_TAG: folder, checkpoint.DIGEST_TAG: digest})
+        tags[checkpoint.FOLDER_TAG] = str(job.output_dir / "checkpoints")
+        tags[checkpoint.DIGEST_TAG] = checkpoint.digest(checkpoint.flat_config(cfg))
+    store.set_tags(tags)
 
 
 def resume_progress(saved, training: engine.Training, run_id: str) -> engine.Progress | None:
@@ -179,8 +181,8 @@ def warn_unused_weights(mode: Mode, overrides: list[str]) -> None:
         log.warning("mode=%s starts from random weights: the model.weights given is not used", mode.name)
 
 
-def run_name(spec: ModelSpec, mode: Mode, varied: list[str], number: int | None) -> str:
-    name = f"{spec.name}-{mode.name}"
+def run_name(label: str, varied: list[str], number: int | None) -> str:
+    name = label
     if set(varied) - {"model", "mode"}:  # seeds, lrs, Optuna trials: Hydra's job number tells them apart
         name += f" #{number}"
     return name
