@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import logging
@@ -510,6 +511,17 @@ def _leave_signals_to_the_main_process(worker_id: int) -> None:
     A worker killed first would turn that into a DataLoader error."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register
+def _stop_workers_left_at_exit() -> None:
+    """Kill loader workers still alive when the interpreter exits (a persistent loader held by a
+    global, a traceback, an interactive session). multiprocessing's own exit hook stops daemonic
+    children with SIGTERM, which these workers ignore, and then waits for them for ever.
+    Registered after multiprocessing's hook, so it runs first."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def _short_last_batch(size: int, settings: LoaderSettings) -> bool:
