@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -265,10 +266,12 @@ def _check_pixels(path: str, image: Image.Image, limit: int | None) -> None:
 _to_uint8 = v2.PILToTensor()
 
 
-def decode(path: str, max_image_pixels: int | None = None) -> torch.Tensor:
-    """The image at path as an upright uint8 RGB tensor (3, height, width)."""
-    with _pixel_limit(max_image_pixels) as limit, Image.open(path) as image:
-        _check_pixels(path, image, limit)
+def decode(source: str | BinaryIO, max_image_pixels: int | None = None, name: str = "") -> torch.Tensor:
+    """The image at a path (or in an open binary file) as an upright uint8 RGB tensor (3, height, width).
+
+    `name` is what messages call an image that is not a path (a row of a request, say)."""
+    with _pixel_limit(max_image_pixels) as limit, Image.open(source) as image:
+        _check_pixels(name or str(source), image, limit)
         # Phones store photos sideways and record the turn in EXIF.
         ImageOps.exif_transpose(image, in_place=True)
         return _to_uint8(_to_rgb(image))
@@ -422,7 +425,7 @@ def replay_bytes(num_images: int, input_size: int) -> int:
     return num_images * 3 * input_size * input_size
 
 
-def _collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+def collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
     """(images, labels, how many items were skipped); images and labels are None if all were."""
     good = [item for item in batch if item is not None]
     if not good:
@@ -496,7 +499,7 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
                 persistent_workers=workers > 0,
                 multiprocessing_context=context,
                 pin_memory=settings.pin_memory,
-                collate_fn=_collate,
+                collate_fn=collate,
                 generator=torch.Generator().manual_seed(settings.seed),
                 drop_last=train and _short_last_batch(len(dataset), settings),
                 worker_init_fn=_leave_signals_to_the_main_process,

@@ -396,6 +396,15 @@ def log_files(path: Path, artifact_path: str | None = None, text: bool = True) -
         mlflow.log_artifacts(tmp, artifact_path)
 
 
+def add_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> str:
+    """Add a file to a run that has ended (an export beside the model it came from); its artifact URI."""
+    client = open_store(uri)
+    with _writing(f"save {path.name}"):
+        client.log_artifact(run_id, str(path), artifact_path)
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    return "/".join(p for p in (artifact_uri, artifact_path, path.name) if p)
+
+
 class _KnownPickleChoice(logging.Filter):
     """Drops MLflow's advice to use 'pt2' on every run: we chose pickle on purpose (see log_model)."""
 
@@ -406,33 +415,41 @@ class _KnownPickleChoice(logging.Filter):
 _PICKLE_CHOICE = _KnownPickleChoice()
 
 
-def log_model(model, example) -> str:
-    """Log a CPU copy of `model` with signature and input example; returns its model URI."""
+def log_model(classifier, example: bytes, registered_name: str | None = None) -> str:
+    """Log a CPU copy of the classifier (PyTorch and image pyfunc flavours, see flavor.py) with an
+    encoded image as its input example; registered as a new version of `registered_name` if given.
+    Returns the model's URI."""
     import torch
     import torchvision
-    from mlflow.models import infer_signature
+    from mlflow.models import Model
+
+    from visiontune import flavor
 
     logging.getLogger("mlflow.pytorch").addFilter(_PICKLE_CHOICE)  # adding it twice is a no-op
-    model = model.to("cpu").eval()
-    with torch.inference_mode():
-        prediction = model(example)
-    signature = infer_signature(example.numpy(), prediction.numpy())
     with _writing("save the model"):
-        info = mlflow.pytorch.log_model(
-            model,
+        info = Model.log(
+            artifact_path=None,  # MLflow 3 names models; the positional path is deprecated
             name="model",
-            signature=signature,
-            input_example=example.numpy(),
-            # A pickled nn.Module takes any batch size; MLflow's torch.export format would fix the
-            # batch dimension to the input example's.
-            serialization_format="pickle",
+            flavor=flavor,
+            classifier=classifier.to(torch.device("cpu")),
+            example=example,
+            registered_model_name=registered_name or None,
             # Stated, not inferred: inference would start a new Python that imports torch again.
+            # visiontune itself must be installed where the pyfunc is loaded (it holds the loader).
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",
                 f"torchvision=={torchvision.__version__.split('+')[0]}",
+                f"pillow=={_version('pillow')}",
+                f"pandas=={_version('pandas')}",
             ],
         )
     return info.model_uri
+
+
+def _version(distribution: str) -> str:
+    from importlib.metadata import version
+
+    return version(distribution)
 
 
 def load_model(uri: str):

@@ -1,0 +1,145 @@
+"""A trained model as users use it: its class names and preprocessing travel with its weights.
+
+Prediction preprocesses exactly as validation did during training (data.decode, the val
+transform, data.Normalizer), so a logged model scores its own val split as the run did.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import UnidentifiedImageError
+
+from visiontune import data
+
+
+@dataclass
+class Classifier:
+    """An image classifier and what it needs to read images: class names, input size, normalisation."""
+
+    module: torch.nn.Module
+    classes: list[str]
+    input_size: int
+    model: str = ""  # the model config's name (resnet, inception, ...)
+    arch: str = ""  # the torchvision builder (resnet18, ...)
+    mean: tuple[float, ...] = data.IMAGENET_MEAN
+    std: tuple[float, ...] = data.IMAGENET_STD
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def metadata(self) -> dict:
+        """What the logged model's MLmodel file records beside the weights."""
+        keys = ("classes", "input_size", "model", "arch")
+        return {k: getattr(self, k) for k in keys} | {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_metadata(cls, module: torch.nn.Module, meta: dict) -> Classifier:
+        return cls(
+            module.eval(),
+            classes=list(meta["classes"]),
+            input_size=int(meta["input_size"]),
+            model=meta.get("model", ""),
+            arch=meta.get("arch", ""),
+            mean=tuple(meta.get("mean", data.IMAGENET_MEAN)),
+            std=tuple(meta.get("std", data.IMAGENET_STD)),
+        )
+
+    def to(self, device: torch.device) -> Classifier:
+        self.module.to(device).eval()
+        self.device = device
+        return self
+
+    @property
+    def transform(self):
+        """uint8 image -> uint8 (3, input_size, input_size): validation's resize and centre crop."""
+        return data.transforms(self.input_size)["val"]
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, classes) in float32 on the CPU, for a uint8 batch from `transform`."""
+        normalize = data.Normalizer(self.device, self.mean, self.std)
+        with torch.inference_mode():
+            logits = self.module(normalize(images.to(self.device, non_blocking=True)))
+        return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def top_k(probabilities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest probabilities per row and their class indices, best first."""
+    return torch.topk(probabilities, min(k, probabilities.shape[1]), dim=1)
+
+
+# --- images given as values (a request, a DataFrame) ----------------------------------------------
+
+
+def decode_value(value, row: int, max_image_pixels: int | None = None) -> torch.Tensor:
+    """An image given as a path, raw encoded bytes, or a base64 string, decoded to uint8 RGB."""
+    if isinstance(value, str) and _looks_like_path(value):
+        return data.decode(value, max_image_pixels)
+    if isinstance(value, str):
+        value = _base64(value, row)
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise ValueError(
+            f"row {row}: expected a path, image bytes or a base64 string, got {type(value).__name__}"
+        )
+    try:
+        return data.decode(io.BytesIO(bytes(value)), max_image_pixels, name=f"row {row}")
+    except UnidentifiedImageError as err:
+        raise ValueError(f"row {row}: {len(value):,} bytes that are not an image PIL can read") from err
+
+
+def _looks_like_path(value: str) -> bool:
+    return len(value) < 4096 and os.path.exists(value)
+
+
+def _base64(value: str, row: int) -> bytes:
+    text = value.split(",", 1)[1] if value.startswith("data:") else value  # a data: URL
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        raise ValueError(f"row {row}: {shown!r} is neither an existing file nor base64 image data") from err
+
+
+def classify_values(classifier: Classifier, values: Sequence, batch_size: int = 64) -> list[tuple]:
+    """(probabilities, None) or (None, why it could not be read) for each value, in order."""
+    results: list[tuple] = [None] * len(values)
+    for start in range(0, len(values), batch_size):
+        rows, images = [], []
+        for row in range(start, min(start + batch_size, len(values))):
+            try:
+                images.append(classifier.transform(decode_value(values[row], row)))
+                rows.append(row)
+            except (ValueError, OSError, SyntaxError, data.TooManyPixels) as err:
+                results[row] = (None, str(err))
+        if images:
+            for row, probabilities in zip(rows, classifier.probabilities(torch.stack(images)), strict=True):
+                results[row] = (probabilities, None)
+    return results
+
+
+# --- images given as files, decoded by loader workers ----------------------------------------------
+
+
+def classify_files(
+    classifier: Classifier, paths: Sequence[str], batch_size: int, num_workers: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(row indices, probabilities) per batch; rows of files that do not decode are left out
+    (each with a warning line from data.ImageFiles)."""
+    from torch.utils.data import DataLoader
+
+    files = data.ImageFiles([(p, i) for i, p in enumerate(paths)], classifier.transform, skip_bad=True)
+    loader = data.SkippingLoader(
+        DataLoader(
+            files,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=data.collate,
+            pin_memory=classifier.device.type == "cuda",
+        )
+    )
+    for images, rows in loader:
+        yield rows, classifier.probabilities(images)
