@@ -118,16 +118,18 @@ FAST = ("epochs=1", "num_workers=0", "batch_size=4", "model.input_size=64")
 
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory, tiny_folder):
-    """A launch dir whose store holds one finished sweep of two children, 2 epochs each.
+    """A launch dir whose store holds one finished sweep of two children, 2 epochs each, the best
+    child's model registered as models:/ants@champion.
 
-    Read-only for the tests that share it (compare, the UI).
+    Read-only for the tests that share it (compare, the UI, predict, serve).
     """
     from types import SimpleNamespace
 
     cwd = tmp_path_factory.mktemp("sweep-launch")
     fast = [o for o in FAST if not o.startswith("epochs=")]
     data = ["data=imagefolder", f"data.root={tiny_folder}"]
-    result = run_cli(cwd, "-m", "model=squeezenet,resnet", "mode=scratch", *data, *fast, "epochs=2")
+    registry = "mlflow.registered_model_name=ants"  # the winner becomes models:/ants@champion
+    result = run_cli(cwd, "-m", "model=squeezenet,resnet", "mode=scratch", *data, *fast, "epochs=2", registry)
     assert result.returncode == 0, result.stderr[-3000:]
     store = cwd / "outputs" / "mlflow.db"
     runs = store_runs(store)

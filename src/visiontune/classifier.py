@@ -31,6 +31,9 @@ class Classifier:
     mean: tuple[float, ...] = data.IMAGENET_MEAN
     std: tuple[float, ...] = data.IMAGENET_STD
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # Where a logged model came from (MLflow's MLmodel file): the training run and the model id.
+    run_id: str = ""
+    model_id: str = ""
 
     def metadata(self) -> dict:
         """What the logged model's MLmodel file records beside the weights."""
@@ -38,7 +41,7 @@ class Classifier:
         return {k: getattr(self, k) for k in keys} | {"mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_metadata(cls, module: torch.nn.Module, meta: dict) -> Classifier:
+    def from_metadata(cls, module: torch.nn.Module, meta: dict, **source: str) -> Classifier:
         return cls(
             module.eval(),
             classes=list(meta["classes"]),
@@ -47,6 +50,7 @@ class Classifier:
             arch=meta.get("arch", ""),
             mean=tuple(meta.get("mean", data.IMAGENET_MEAN)),
             std=tuple(meta.get("std", data.IMAGENET_STD)),
+            **source,
         )
 
     def to(self, device: torch.device) -> Classifier:

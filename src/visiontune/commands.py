@@ -20,3 +20,12 @@ def store_uri(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     if store.missing_store(uri):
         parser.error(f"no MLflow store at {uri}: run visiontune-train here first, or pass --tracking-uri")
     return uri
+
+
+def model_store_uri(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The store a MODEL argument is looked up in; a local model folder needs none."""
+    from visiontune import store
+
+    if Path(args.model).is_dir():
+        return store.tracking_uri(args.tracking_uri, Path.cwd())
+    return store_uri(parser, args)

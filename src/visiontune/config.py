@@ -108,11 +108,31 @@ def check_values(cfg: DictConfig) -> None:
         raise VisiontuneError(f"checkpoint.every_epochs={every} must be a whole number, 0 (none) or more")
     if not DEVICE.fullmatch(str(cfg.device)):
         raise VisiontuneError(f"device={cfg.device} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    _check_registry(cfg.mlflow)
     mode = mode_of(cfg.mode)
     if mode.pretrained and cfg.model.weights is None:
         raise VisiontuneError(
             f"mode={mode.name} starts from pretrained weights but model.weights is null: "
             f"set model.weights=DEFAULT or a state-dict path, or use mode=scratch"
+        )
+
+
+# MLflow's rules for aliases: "latest" and version-like names (v1, V12) are taken.
+ALIAS = re.compile(r"(?!latest$)(?![vV]\d+$)[\w-]{1,255}")
+
+
+def _check_registry(mlflow_cfg: DictConfig) -> None:
+    name = mlflow_cfg.get("registered_model_name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise VisiontuneError(
+            f"mlflow.registered_model_name={name!r} must be a model name, "
+            "e.g. mlflow.registered_model_name=ants"
+        )
+    alias = mlflow_cfg.get("champion_alias")
+    if name is not None and not (isinstance(alias, str) and ALIAS.fullmatch(alias)):
+        raise VisiontuneError(
+            f"mlflow.champion_alias={alias!r} is not an MLflow alias: letters, digits, _ and -, "
+            "not 'latest' nor a version like v2 (e.g. mlflow.champion_alias=champion)"
         )
 
 

@@ -130,7 +130,7 @@ def find_samples(root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
         samples[split] = [
             (str(path), label)
             for label, name in enumerate(classes)
-            for path in _image_files(root / split / name)
+            for path in image_files(root / split / name)
         ]
         if not samples[split]:
             raise VisiontuneError(
@@ -153,7 +153,7 @@ def _class_folders(root: Path, split: str) -> list[str]:
     return classes
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """Image files at any depth below folder, except hidden ones and those in hidden folders.
 
     Tools leave look-alike files there: Jupyter's .ipynb_checkpoints/ copies, macOS's ._name.jpg

@@ -73,15 +73,16 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> ImageModel
 
 
 def _from_directory(directory: Path) -> Classifier:
-    meta = Model.load(directory).metadata or {}
+    logged = Model.load(directory)
+    meta = logged.metadata or {}
     if METADATA_KEY not in meta:
         raise VisiontuneError(
             f"the model in {directory} has no class names: it was logged by an older visiontune "
             "or by hand. Train it again with this version to get a model that names its classes."
         )
-    return Classifier.from_metadata(
-        mlflow.pytorch.load_model(str(directory), map_location="cpu"), meta[METADATA_KEY]
-    )
+    module = mlflow.pytorch.load_model(str(directory), map_location="cpu")
+    source = {"run_id": logged.run_id or "", "model_id": logged.model_id or ""}
+    return Classifier.from_metadata(module, meta[METADATA_KEY], **source)
 
 
 class ImageModel:
@@ -143,6 +144,7 @@ def load(given: str, tracking_uri: str) -> Classifier:
     if Path(uri).is_dir():
         return _from_directory(Path(uri))
     mlflow.set_tracking_uri(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file, on stderr
     try:
         local = mlflow.artifacts.download_artifacts(uri)
     except Exception as err:

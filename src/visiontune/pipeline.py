@@ -122,8 +122,9 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
             torch.manual_seed(cfg.seed)
             weights = models.resolve_weights(spec.arch, cfg.model.weights, job.launch_dir)
             prepared = models.prepare(spec, mode, len(checked.classes), weights)
-            if continued is None:  # a continued run keeps the params it started with
+            if continued is None:  # a continued run keeps the params and inputs it started with
                 store.log_params(run_params(cfg, checked, prepared, device))
+                store.log_datasets(checked.root, checked.classes, checked.samples)
             announce(prepared, mode, checked, device)
             loaders = build_loaders(cfg, checked, prepared, device)
             training = build_training(cfg, prepared, device)
@@ -133,7 +134,9 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
             store.log_metrics({"skipped_images": skipped_images(checked, loaders)})
             record(result, label)
             if cfg.mlflow.log_model:
-                log_model(prepared, checked.classes, loaders["val"], cfg.mlflow.registered_model_name)
+                # A sweep registers only its best child, at its end (sweep.py).
+                registered = cfg.mlflow.registered_model_name if job.number is None else None
+                log_model(prepared, checked.classes, loaders["val"], registered)
         except KeyboardInterrupt:
             say_how_to_resume(run_id, job.output_dir / "checkpoints")
             raise

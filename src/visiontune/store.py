@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,6 +355,35 @@ def log_params(params: Mapping[str, object]) -> None:
         mlflow.log_params({key: shorten(value) for key, value in params.items()})
 
 
+def log_datasets(root: Path, classes: list[str], samples: Mapping[str, list[tuple[str, int]]]) -> None:
+    """Each split as an MLflow dataset input of the active run (the UI's Datasets column), so runs
+    on different data are told apart: its source folder and a digest of every file's path, class
+    and size (a changed, added or removed image changes it)."""
+    import hashlib
+
+    import pandas as pd
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    for split, context in (("train", "training"), ("val", "validation")):
+        files = samples[split]
+        table = pd.DataFrame(
+            {
+                "path": [os.path.relpath(path, root) for path, _ in files],
+                "class": [classes[label] for _, label in files],
+                "bytes": [os.path.getsize(path) for path, _ in files],
+            }
+        )
+        digest = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()[:16]
+        source = LocalArtifactDatasetSource(str(root / split))  # named: a bare path resolves two ways
+        dataset = mlflow.data.from_pandas(
+            table, source=source, targets="class", name=f"{root.name}/{split}", digest=digest
+        )
+        # MLflow's hint on integer columns, from the schema it infers here, concerns model inputs.
+        with _writing(f"record the {split} split"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.log_input(dataset, context=context)
+
+
 def set_tags(tags: Mapping[str, str]) -> None:
     with _writing("set tags"):
         mlflow.set_tags(dict(tags))
@@ -364,9 +394,10 @@ def logged_steps(run_id: str, key: str) -> set[int]:
     return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
 
 
-def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+def log_metrics(metrics: Mapping[str, float], step: int | None = None, model_id: str | None = None) -> None:
+    """Metrics of the active run; with `model_id` (MLflow 3) they are also the logged model's."""
     with _writing("log metrics"):
-        mlflow.log_metrics(dict(metrics), step=step)
+        mlflow.log_metrics(dict(metrics), step=step, model_id=model_id or None)
 
 
 def log_figure(figure, name: str) -> None:
@@ -450,6 +481,25 @@ def _version(distribution: str) -> str:
     from importlib.metadata import version
 
     return version(distribution)
+
+
+def register_model(uri: str, run_id: str, name: str, alias: str | None = None) -> str:
+    """Register a run's model as a version of `name` (once: a run already registered keeps its
+    version) and point `alias` at it; returns the version. The SQLite store holds the registry too."""
+    client = open_store(uri)
+    mlflow.set_tracking_uri(uri)
+    with _writing(f"register the model as {name}"):
+        found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if found:
+            version = found[0].version
+        else:  # the run's logged model by its id: runs:/<id>/model makes MLflow 3 warn and look it up
+            outputs = client.get_run(run_id).outputs
+            models = [o.model_id for o in (outputs.model_outputs if outputs else [])]
+            source = f"models:/{models[-1]}" if models else f"runs:/{run_id}/model"
+            version = mlflow.register_model(source, name).version
+        if alias:
+            client.set_registered_model_alias(name, alias, version)
+    return str(version)
 
 
 def load_model(uri: str):

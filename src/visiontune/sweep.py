@@ -105,6 +105,7 @@ class MlflowSweep(Callback):
     def __init__(self) -> None:
         self.parent = None  # a store.ParentRun while the sweep is open
         self.interrupted = False
+        self.registry: tuple[str, str] | None = None  # (model name, alias) the winner is registered as
 
     # Hydra turns an exception in a callback into a warning and carries on: a sweep would run
     # with no parent, or end with exit 0 after its summary failed. Each hook therefore reports
@@ -145,6 +146,8 @@ class MlflowSweep(Callback):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._note_interrupt)
         key = overrides_key(overrides)
+        if config.mlflow.get("registered_model_name") and config.mlflow.log_model:
+            self.registry = (str(config.mlflow.registered_model_name), str(config.mlflow.champion_alias))
         if config.get("resume"):  # the stopped sweep's parent; its jobs find their own children
             self.parent = store.ParentRun.reopen(uri, experiment_id, str(config.resume), key)
         else:
@@ -172,12 +175,24 @@ class MlflowSweep(Callback):
         children = report.select_runs(client, parent=self.parent.run_id)
         with tempfile.TemporaryDirectory() as tmp:
             rows = report.write_report(client, children, Path(tmp))
-            self.parent.record(Path(tmp), *_summary(rows))
+            tags, metrics = _summary(rows)
+            if self.registry and "best_child_run_id" in tags:
+                tags["champion"] = self._crown(tags["best_child_run_id"])
+            self.parent.record(Path(tmp), tags, metrics)
             print("\n" + (Path(tmp) / "leaderboard.md").read_text())
         self.parent.end("FINISHED")
         self._closed()
         failed = [r["run"] for r in rows if r["status"] != "FINISHED"]
         return failed, len(rows)
+
+    def _crown(self, run_id: str) -> str:
+        """Register the best child's model and give it the champion alias; the URI that names it."""
+        from visiontune import store
+
+        name, alias = self.registry
+        version = store.register_model(self.parent.uri, run_id, name, alias)
+        print(f"registered run {run_id}'s model as {name} version {version}: models:/{name}@{alias}")
+        return f"models:/{name}@{alias}"
 
     def _closed(self) -> None:
         self.parent = None

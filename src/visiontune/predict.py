@@ -1,0 +1,138 @@
+"""visiontune-predict: class names and probabilities for image files, from a logged model.
+
+    visiontune-predict <run id> photos/ extra.jpg "more/**/*.png" --top-k 2 --out preds.csv
+
+Images are decoded by loader workers and preprocessed as validation was during training; one
+that cannot be read is a warning line and a row marked unreadable, never a failed command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import glob
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from visiontune import commands
+
+WILDCARDS = frozenset("*?[")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="visiontune-predict",
+        description="Predict the classes of image files with a model a visiontune run logged.",
+    )
+    parser.add_argument(
+        "model", help="a run id, runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>"
+    )
+    parser.add_argument(
+        "paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs"
+    )
+    parser.add_argument("--top-k", type=int, default=1, help="how many classes to list per image (default 1)")
+    parser.add_argument("--format", choices=("csv", "json"), default="csv")
+    parser.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ..."
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes"
+    )
+    commands.add_store_option(parser)
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1 or args.num_workers < 0:
+        parser.error("--top-k and --batch-size take 1 or more, --num-workers 0 or more")
+    logging.basicConfig(format="visiontune-predict: %(levelname)s: %(message)s", level=logging.WARNING)
+
+    from visiontune import VisiontuneError
+
+    try:
+        paths = find_images(args.paths)
+        rows = predict(args, paths, commands.model_store_uri(parser, args))
+    except VisiontuneError as err:
+        print(f"visiontune-predict: error: {err}", file=sys.stderr)
+        return 1
+    write(rows, args.format, args.out, args.top_k)
+    unreadable = sum(1 for row in rows if row["error"])
+    if args.out:
+        print(f"wrote {len(rows)} rows to {args.out} ({unreadable} unreadable)", file=sys.stderr)
+    return 0
+
+
+def find_images(given: Sequence[str]) -> list[str]:
+    """Files as given, folders' images (recursively, hidden ones left out) and globs, each once."""
+    from visiontune import VisiontuneError, data
+
+    found: dict[str, None] = {}  # ordered and without repeats
+    for item in given:
+        matches = sorted(glob.glob(item, recursive=True)) if WILDCARDS & set(item) else [item]
+        if not matches:
+            raise VisiontuneError(f"{item!r} matches no file. Check the pattern, or quote it for the shell.")
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                found.update((str(p), None) for p in data.image_files(path))
+            elif path.is_file():
+                found[match] = None
+            else:
+                raise VisiontuneError(f"{match}: no such file or folder")
+    if not found:
+        raise VisiontuneError(
+            f"no image files in {', '.join(given)} (looked for {', '.join(data.IMG_EXTENSIONS)})"
+        )
+    return list(found)
+
+
+def predict(args: argparse.Namespace, paths: list[str], uri: str) -> list[dict]:
+    """One row per path, in order: the top k classes and probabilities, or why it is unreadable."""
+    import torch
+    from tqdm import tqdm
+
+    from visiontune import classifier, flavor
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    model = flavor.load(args.model, uri).to(device)
+    rows = [{"path": path, "classes": [], "probabilities": [], "error": "unreadable"} for path in paths]
+    with tqdm(total=len(paths), unit="img", disable=None, file=sys.stderr) as bar:
+        for indices, probabilities in classifier.classify_files(
+            model, paths, args.batch_size, args.num_workers
+        ):
+            scores, classes = classifier.top_k(probabilities, args.top_k)
+            for row, top, names in zip(indices.tolist(), scores.tolist(), classes.tolist(), strict=True):
+                rows[row] |= {"classes": [model.classes[i] for i in names], "probabilities": top, "error": ""}
+            bar.update(len(indices))
+    return rows
+
+
+def write(rows: list[dict], format: str, out: Path | None, top_k: int) -> None:
+    with open(out, "w", newline="") if out else contextlib.nullcontext(sys.stdout) as stream:
+        if format == "json":
+            json.dump([_json_row(row) for row in rows], stream, indent=1)
+            stream.write("\n")
+            return
+        ranks = [("class", "probability")] + [(f"class_{r}", f"probability_{r}") for r in range(2, top_k + 1)]
+        writer = csv.writer(stream)
+        writer.writerow(["path", *(name for pair in ranks for name in pair), "error"])
+        for row in rows:
+            pairs = zip(row["classes"], (f"{p:.6f}" for p in row["probabilities"]), strict=True)
+            cells = [cell for pair in pairs for cell in pair]
+            writer.writerow([row["path"], *cells, *[""] * (2 * len(ranks) - len(cells)), row["error"]])
+
+
+def _json_row(row: dict) -> dict:
+    top = [{"class": c, "probability": p} for c, p in zip(row["classes"], row["probabilities"], strict=True)]
+    best = top[0] if top else {"class": None, "probability": None}
+    return {"path": row["path"], **best, "top_k": top, "error": row["error"] or None}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

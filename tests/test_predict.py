@@ -1,0 +1,144 @@
+"""Using a logged model: the registry's champion, visiontune-predict, the pyfunc, a served model.
+
+All of it on the shared sweep (tiny_sweep): its best child is models:/ants@champion.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import background_server, cli_env, free_port, run_cli
+
+CHAMPION = "models:/ants@champion"
+
+
+@pytest.fixture(scope="module")
+def champion(tiny_sweep, tiny_folder):
+    """The sweep's registered winner: its run, and the val images with their true classes."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tiny_sweep.store}")
+    version = client.get_model_version_by_alias("ants", "champion")
+    run = client.get_run(version.run_id)
+    val = sorted((tiny_folder / "val").glob("*/*.jpg"))
+    return run, val, {str(p): p.parent.name for p in val}
+
+
+def test_a_sweep_registers_its_best_child_as_champion(tiny_sweep, champion):
+    run, _, _ = champion
+    assert run.info.run_id == tiny_sweep.parent.data.tags["best_child_run_id"]
+    assert tiny_sweep.parent.data.tags["champion"] == CHAMPION
+
+
+def test_predict_on_the_val_split_reproduces_the_runs_accuracy(tiny_sweep, tiny_folder, champion):
+    run, val, truth = champion
+    out = tiny_sweep.cwd / "val-predictions.csv"
+    args = (CHAMPION, str(tiny_folder / "val"), "--top-k", "2", "--out", str(out), "--num-workers", "1")
+    result = run_cli(tiny_sweep.cwd, *args, module="visiontune.predict")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in rows] == [str(p) for p in val]
+    assert all(r["class"] in {"ants", "bees"} and r["class_2"] in {"ants", "bees"} for r in rows)
+    assert all(float(r["probability"]) >= float(r["probability_2"]) for r in rows)
+    accuracy = sum(r["class"] == truth[r["path"]] for r in rows) / len(rows)
+    assert accuracy == pytest.approx(run.data.metrics["best_val_acc"], abs=1e-9)
+
+
+def predict_here(cwd: Path, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:
+    """visiontune-predict's main() in this process (no second interpreter start): code, out, err."""
+    from visiontune import predict
+
+    monkeypatch.chdir(cwd)
+    code = predict.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_an_unreadable_image_is_a_marked_row_not_a_failure(
+    tiny_sweep, champion, tmp_path, monkeypatch, capsys, caplog
+):
+    run, val, _ = champion
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    given = [str(val[0]), str(broken), str(tmp_path / "*.jpg")]  # a glob that finds broken.jpg again
+    args = (run.info.run_id, *given, "--format", "json", "--num-workers", "0")
+    code, out, err = predict_here(tiny_sweep.cwd, *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, err[-2000:]
+    rows = json.loads(out)
+    assert [r["path"] for r in rows] == [str(val[0]), str(broken)], "each file once, in the order given"
+    assert rows[0]["class"] in {"ants", "bees"} and rows[0]["error"] is None
+    assert rows[1]["class"] is None and rows[1]["error"] == "unreadable"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(broken) in warning, "one warning line names the file"
+
+
+@pytest.mark.parametrize("missing", ["model", "file"])
+def test_predict_names_a_missing_model_or_file_in_one_line(
+    tiny_sweep, tiny_folder, missing, monkeypatch, capsys
+):
+    named = "models:/ants@nobody" if missing == "model" else str(tiny_folder / "nothing-here")
+    args = (named, str(tiny_folder)) if missing == "model" else (CHAMPION, named)
+    code, out, err = predict_here(tiny_sweep.cwd, *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and not out
+    (line,) = err.strip().splitlines()
+    assert line.startswith("visiontune-predict: error:") and named in line, line
+
+
+def test_the_pyfunc_takes_paths_bytes_and_base64_alike(tiny_sweep, champion, monkeypatch):
+    import mlflow
+    import pandas as pd
+
+    _, val, _ = champion
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_sweep.store}")
+    model = mlflow.pyfunc.load_model(CHAMPION)
+    assert model.metadata.metadata["visiontune"]["classes"] == ["ants", "bees"]
+    raw = [p.read_bytes() for p in val[:3]]
+    given = {
+        "paths": [str(p) for p in val[:3]],
+        "bytes": raw,
+        "base64": [base64.b64encode(b).decode() for b in raw],
+    }
+    answers = {
+        kind: model.predict(pd.DataFrame({"image": v}), params={"top_k": 2}) for kind, v in given.items()
+    }
+    for kind in ("bytes", "base64"):
+        pd.testing.assert_frame_equal(answers[kind], answers["paths"], obj=kind)
+    assert list(answers["paths"]["top_classes"].map(sorted)) == [["ants", "bees"]] * 3
+    odd = model.predict(pd.DataFrame({"image": [b"GIF89a broken", "not base64 !"]}))
+    assert odd["class"].isna().all() and "row 0" in odd["error"][0] and "row 1" in odd["error"][1]
+
+
+def test_mlflow_models_serve_answers_with_class_names(tiny_sweep, champion, tmp_path):
+    _, val, _ = champion
+    port = free_port()
+    env = cli_env(tmp_path) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tiny_sweep.store}"}
+    # As in an activated virtual environment: MLflow starts the `uvicorn` found on PATH.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION, "--env-manager", "local"]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with background_server(command, tmp_path, env, f"{url}/ping", tmp_path / "serve.log"):
+        # The README's request: images as base64 strings in a dataframe_split, top_k as a param.
+        images = [base64.b64encode(p.read_bytes()).decode() for p in val[:2]]
+        body = {
+            "dataframe_split": {"columns": ["image"], "data": [[i] for i in images]},
+            "params": {"top_k": 2},
+        }
+        request = urllib.request.Request(
+            f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(request, timeout=60) as response:
+            predictions = json.loads(response.read())["predictions"]
+    assert len(predictions) == 2
+    for answer in predictions:
+        assert answer["class"] in {"ants", "bees"} and sorted(answer["top_classes"]) == ["ants", "bees"]
+        assert answer["probability"] == max(answer["top_probabilities"])
