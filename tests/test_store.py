@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -67,23 +68,39 @@ def test_long_and_nested_params_are_stored_never_refused(experiment):
     assert stored["optimizer.lr"] == "0.1"
 
 
-def test_logged_model_loads_and_predicts_what_the_model_in_memory_predicts(experiment):
+def test_logged_model_is_torch_and_an_image_pyfunc_with_its_class_names(experiment, tmp_path):
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from visiontune.classifier import Classifier
+
     uri, experiment_id = experiment
     torch.manual_seed(0)
-    model = models.build_model(SPECS["resnet"], 3, None)
-    model.eval()
-    example = torch.randn(1, 3, 64, 64)
+    model = models.build_model(SPECS["resnet"], 3, None).eval()
     inputs = torch.randn(5, 3, 64, 64)
     with torch.no_grad():
         expected = model(inputs)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(jpeg, format="JPEG")
+    classes = ["cats", "dogs", "owls"]
     with store.tracked_run(uri, store.RunStart(experiment_id, "r", {})) as run:
-        store.log_model(model, example)
+        store.log_model(Classifier(model, classes, 64, "resnet", "resnet18"), jpeg.getvalue())
     mlflow.set_tracking_uri(uri)
-    loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    model_uri = f"runs:/{run.info.run_id}/model"
+    loaded = mlflow.pytorch.load_model(model_uri)
     with torch.no_grad():
         torch.testing.assert_close(loaded(inputs), expected)  # any batch size, same numbers
-    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
-    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 64, 64]
+    info = mlflow.models.get_model_info(model_uri)
+    assert (
+        info.signature.inputs.input_names() == ["image"] and info.metadata["visiontune"]["classes"] == classes
+    )
+    example = Path(mlflow.artifacts.download_artifacts(f"{model_uri}/input_example.json"))
+    assert example.stat().st_size < 20_000, "an encoded image, not a float tensor as JSON"
+    image = pd.DataFrame({"image": [jpeg.getvalue()]})
+    answer = mlflow.pyfunc.load_model(model_uri).predict(image, params={"top_k": 3})
+    assert sorted(answer["top_classes"][0]) == classes and answer["class"][0] == answer["top_classes"][0][0]
 
 
 def test_ctrl_c_during_a_store_write_waits_for_the_write():
