@@ -116,7 +116,7 @@ def check_folder(root: Path, skip_bad: bool, max_image_pixels: int | None = None
 
 def find_samples(root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
     """Class names and (path, label) samples of each split, after checking the layout."""
-    split_classes = {split: _class_folders(root, split) for split in SPLITS}
+    split_classes = {split: class_folders(root, split) for split in SPLITS}
     if split_classes["train"] != split_classes["val"]:
         only_train = sorted(set(split_classes["train"]) - set(split_classes["val"]))
         only_val = sorted(set(split_classes["val"]) - set(split_classes["train"]))
@@ -140,7 +140,7 @@ def find_samples(root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
     return classes, samples
 
 
-def _class_folders(root: Path, split: str) -> list[str]:
+def class_folders(root: Path, split: str) -> list[str]:
     folder = root / split
     if not folder.is_dir():
         raise VisiontuneError(

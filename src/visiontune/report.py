@@ -29,7 +29,12 @@ def select_runs(client, experiment: str | None = None, parent: str | None = None
     if found is None:
         raise VisiontuneError(f"no experiment named {experiment!r} in this store")
     runs = client.search_runs([found.experiment_id], max_results=10_000)
-    return [r for r in runs if r.data.tags.get("visiontune.sweep") != "parent"]
+    # Training runs only: not sweep parents, nor visiontune-evaluate's runs (no best_val_acc).
+    return [
+        r
+        for r in runs
+        if r.data.tags.get("visiontune.sweep") != "parent" and "visiontune.evaluates" not in r.data.tags
+    ]
 
 
 # A failed run's error in a table cell: its start says what went wrong; the tag keeps the rest.
@@ -159,5 +164,61 @@ def accuracy_curves(curves: Mapping[str, Sequence[float]], title: str):
     if curves:  # beside the axes, where it hides no curve however many runs there are
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# --- an evaluation's figures ----------------------------------------------------------------------
+# Built on matplotlib's Figure, not pyplot: nothing is kept in pyplot's registry of open figures,
+# so a command can make them in a loop and needs no backend but the PNG writer.
+
+
+def confusion_matrix(counts: Sequence[Sequence[int]], classes: Sequence[str]):
+    """Counts per (true, predicted) class, shaded by the share of the true class's images."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(counts)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n = len(classes)
+    side = min(3.0 + 0.45 * n, 24.0)
+    fig = Figure(figsize=(side + 1.5, side), dpi=100)
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, label="share of the true class's images")
+    if n <= 60:  # beyond that the names overlap: the CSV beside the figure has them
+        ax.set_xticks(range(n), classes, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center")
+        ax.set_yticks(range(n), classes)
+    ax.set_xlabel("Predicted class")
+    ax.set_ylabel("True class")
+    ax.set_title(f"Confusion matrix ({counts.sum()} images)")
+    if n <= 30:  # beyond that the numbers no longer fit their cells
+        for (row, column), count in np.ndenumerate(counts):
+            dark = shares[row, column] > 0.5
+            ax.text(column, row, str(count), ha="center", va="center", color="white" if dark else "black")
+    fig.tight_layout()
+    return fig
+
+
+def confident_mistakes(images: Sequence, captions: Sequence[str], wrong: int):
+    """A grid of wrong predictions ((height, width, 3) uint8 arrays, most confident first, each
+    captioned with its classes), out of `wrong`; a figure saying so when there are none."""
+    from matplotlib.figure import Figure
+
+    if not images:
+        fig = Figure(figsize=(5, 2), dpi=100)
+        fig.text(0.5, 0.5, "No mistakes: every image was classified correctly.", ha="center", va="center")
+        return fig
+    columns = min(4, len(images))
+    rows = -(-len(images) // columns)
+    fig = Figure(figsize=(3.2 * columns, 3.6 * rows + 0.6), dpi=100)
+    axes = fig.subplots(rows, columns, squeeze=False).flatten()
+    for ax, image, caption in zip(axes, images, captions, strict=False):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize="small")
+    for ax in axes:
+        ax.axis("off")
+    shown = f"the {len(images)} most confident" if len(images) < wrong else "all"
+    fig.suptitle(f"Mistakes: {shown} of {wrong} wrong predictions")
     fig.tight_layout()
     return fig

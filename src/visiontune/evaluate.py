@@ -1,0 +1,476 @@
+"""visiontune-evaluate: score a logged model on a labelled image folder, recorded as an MLflow run.
+
+    visiontune-evaluate <run id> --data hymenoptera_data --out eval/
+
+The folder's class folders (DIR/val/<class>/ where DIR has a val/ of class folders, else
+DIR/<class>/) are matched to the model's classes by name. The evaluation run sits beside the
+model's training run: accuracy, per-class precision, recall and F1 (in MLflow 3 also the logged
+model's metrics), a confusion matrix and the model's most confident mistakes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from visiontune import commands
+
+if TYPE_CHECKING:
+    import torch
+
+    from visiontune.classifier import Classifier
+
+PROG = "visiontune-evaluate"
+EVALUATES_TAG = "visiontune.evaluates"  # the model URI the run scores
+SOURCE_RUN_TAG = "visiontune.source_run"  # the run that trained that model
+MODEL_ID_TAG = "visiontune.model_id"  # the logged model itself, wherever an alias points later
+DATA_TAG = "visiontune.data"
+DEFAULT_EXPERIMENT = "visiontune"
+MISTAKES_SHOWN = 16
+UI_BASE = "http://127.0.0.1:5000"  # where visiontune-ui serves by default
+UNDEFINED_NOTE = (
+    "(- : undefined. precision: the model never predicted the class; "
+    "recall and f1: the folder has no images of it)"
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Score a logged model on a labelled image folder, recorded as an MLflow run."
+    )
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a run id, runs:/<id>/model, models:/<name>/<version>, models:/<name>@<alias> or a model folder",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="labelled images: DIR/val/<class>/ where DIR has a val/ of class folders, else DIR/<class>/",
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes"
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--experiment",
+        help="where to record the run (default: the training run's experiment, else visiontune)",
+    )
+    parser.add_argument("--out", type=Path, help="also write the figures and CSV files to this folder")
+    commands.add_store_option(parser, "read the model from and record the evaluation in")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.num_workers < 0:
+        parser.error("--batch-size takes 1 or more, --num-workers 0 or more")
+    # data.ImageFiles reports each image that does not decode in a warning line.
+    logging.basicConfig(format=f"{PROG}: %(levelname)s: %(message)s", level=logging.WARNING)
+
+    from mlflow.exceptions import MlflowException
+
+    from visiontune import VisiontuneError, user_message
+
+    try:
+        folder = labelled_folder(args.data)
+        text = evaluate(args, folder, commands.model_store_uri(parser, args))
+    except (VisiontuneError, MlflowException, OSError) as err:  # OSError: an --out folder we cannot write
+        print(f"{PROG}: error: {user_message(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (an evaluation run that had started is recorded KILLED)", file=sys.stderr)
+        return 130
+    print(text)
+    return 0
+
+
+# --- the folder and the model's classes ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelledFolder:
+    """A labelled folder: DIR as given, where its class folders are (DIR/val or DIR), its samples."""
+
+    root: Path
+    folder: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]  # (path, index into classes)
+
+
+def labelled_folder(root: Path) -> LabelledFolder:
+    """DIR/val/<class>/ where DIR has a val/ of class folders, else DIR/<class>/; images found as
+    training finds them."""
+    from visiontune import VisiontuneError, data
+
+    if not root.is_dir():
+        raise VisiontuneError(
+            f"--data {root} is not a folder: give a folder of class folders (DIR/<class>/*.jpg), "
+            f"or a dataset folder whose val/ holds them"
+        )
+    root = root.resolve()
+    try:
+        folder, classes = root / "val", data.class_folders(root, "val")
+    except VisiontuneError:  # no val/ of class folders: DIR itself holds them
+        folder, classes = root, data.class_folders(root.parent, root.name)
+    samples = [(str(p), label) for label, name in enumerate(classes) for p in data.image_files(folder / name)]
+    if not samples:
+        raise VisiontuneError(
+            f"{folder} has class folders {classes} but no images in them "
+            f"(extensions {', '.join(data.IMG_EXTENSIONS)})"
+        )
+    return LabelledFolder(root, folder, classes, samples)
+
+
+def model_indices(folder_classes: Sequence[str], model_classes: Sequence[str]) -> list[int]:
+    """Each folder class's index among the model's classes, matched by name."""
+    from visiontune import VisiontuneError
+
+    unknown = [name for name in folder_classes if name not in model_classes]
+    if unknown:
+        raise VisiontuneError(
+            f"the folder has classes the model does not know: {unknown}; the model's classes are "
+            f"{list(model_classes)}. Remove or rename those class folders, or evaluate a model "
+            f"trained on them."
+        )
+    return [list(model_classes).index(name) for name in folder_classes]
+
+
+# --- predicting and scoring ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What the model said about the images that decoded."""
+
+    rows: torch.Tensor  # (N,) indices into the folder's samples
+    targets: torch.Tensor  # (N,) the true classes, as model class indices
+    probabilities: torch.Tensor  # (N, model classes)
+    skipped: int  # images that did not decode
+
+    @property
+    def top(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's highest probability, and its class: what the model predicts."""
+        return self.probabilities.max(dim=1)
+
+
+def predict(
+    clf: Classifier, folder: LabelledFolder, to_model: list[int], batch_size: int, workers: int
+) -> Predictions:
+    """The model's probabilities for every image that decodes, with its true class."""
+    import torch
+    from tqdm import tqdm
+
+    from visiontune import VisiontuneError, classifier
+
+    paths = [path for path, _ in folder.samples]
+    rows, probabilities = [torch.empty(0, dtype=torch.long)], [torch.empty(0, len(clf.classes))]
+    with tqdm(total=len(paths), unit="img", disable=None, file=sys.stderr) as bar:
+        for batch_rows, batch_probabilities in classifier.classify_files(clf, paths, batch_size, workers):
+            rows.append(batch_rows)
+            probabilities.append(batch_probabilities)
+            bar.update(len(batch_rows))
+    decoded = torch.cat(rows)
+    if not len(decoded):
+        raise VisiontuneError(f"none of the {len(paths)} images in {folder.folder} decodes")
+    labels = torch.tensor([label for _, label in folder.samples])
+    targets = torch.tensor(to_model)[labels[decoded]]
+    return Predictions(decoded, targets, torch.cat(probabilities), len(paths) - len(decoded))
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Classification scores over C classes; a per-class value is NaN where it is undefined."""
+
+    confusion: torch.Tensor  # (C, C) counts, rows true, columns predicted
+    accuracy: float
+    precision: torch.Tensor  # (C,) NaN where the class was never predicted
+    recall: torch.Tensor  # (C,) NaN where the class has no images
+    f1: torch.Tensor  # (C,) NaN where the class has no images; 0 where none of them is found
+    support: torch.Tensor  # (C,) images of each class
+    macro_f1: float  # the mean F1 over the classes that have images
+
+
+def scores(targets: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> Scores:
+    """Accuracy, per-class precision, recall, F1 and support, macro F1 and the confusion matrix."""
+    import torch
+
+    confusion = torch.bincount(targets * num_classes + predicted, minlength=num_classes**2)
+    confusion = confusion.view(num_classes, num_classes)
+    hits = confusion.diag().double()
+    support, predictions = confusion.sum(dim=1), confusion.sum(dim=0)
+    present = support > 0
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    # F1 as 2 TP / (2 TP + FP + FN): the harmonic mean of precision and recall where both are
+    # defined, and 0 for a class with images none of which was found.
+    f1 = torch.where(present, 2 * hits / (support + predictions).clamp(min=1), nan)
+    return Scores(
+        confusion=confusion,
+        accuracy=(hits.sum() / support.sum()).item(),
+        precision=torch.where(predictions > 0, hits / predictions.clamp(min=1), nan),
+        recall=torch.where(present, hits / support.clamp(min=1), nan),
+        f1=f1,
+        support=support,
+        macro_f1=f1[present].mean().item(),
+    )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's predictions on a folder and their scores, as the table, files and metrics show them."""
+
+    folder: LabelledFolder
+    classes: list[str]  # the model's
+    predictions: Predictions
+    scores: Scores
+    # The model classes shown: the folder's, and any other the model predicted (a false positive
+    # each time). Together they hold every count of the confusion matrix.
+    shown: list[int]
+
+
+def score(
+    folder: LabelledFolder, classes: list[str], to_model: list[int], predictions: Predictions
+) -> Evaluation:
+    """The predictions scored over the model's classes."""
+    import torch
+
+    result = scores(predictions.targets, predictions.top[1], len(classes))
+    predicted = torch.nonzero(result.confusion.sum(dim=0)).flatten().tolist()
+    return Evaluation(folder, classes, predictions, result, sorted(set(to_model) | set(predicted)))
+
+
+def metric_keys(classes: Sequence[str]) -> list[str]:
+    """Class names as parts of MLflow metric keys (letters, digits, _ - . / and spaces), each distinct."""
+    keys: list[str] = []
+    for name in classes:
+        key = re.sub(r"[^\w\-./ ]", "_", name)
+        while key in keys:  # "a+b" and "a?b" would both be "a_b"
+            key += "_"
+        keys.append(key)
+    return keys
+
+
+def eval_metrics(evaluation: Evaluation) -> dict[str, float]:
+    """eval_accuracy, eval_macro_f1, and each shown class's precision, recall and F1 where defined."""
+    result, keys = evaluation.scores, metric_keys(evaluation.classes)
+    metrics = {"eval_accuracy": result.accuracy, "eval_macro_f1": result.macro_f1}
+    for which in ("precision", "recall", "f1"):
+        values = getattr(result, which)
+        for i in evaluation.shown:
+            if not values[i].isnan():
+                metrics[f"eval_{which}_{keys[i]}"] = values[i].item()
+    return metrics
+
+
+def per_class_rows(evaluation: Evaluation) -> list[dict]:
+    """One row per shown class; None where a score is undefined."""
+    result = evaluation.scores
+
+    def value(tensor: torch.Tensor, i: int) -> float | None:
+        return None if tensor[i].isnan() else tensor[i].item()
+
+    return [
+        {
+            "class": evaluation.classes[i],
+            "precision": value(result.precision, i),
+            "recall": value(result.recall, i),
+            "f1": value(result.f1, i),
+            "support": int(result.support[i]),
+        }
+        for i in evaluation.shown
+    ]
+
+
+# --- the evaluation run -----------------------------------------------------------------------------------
+
+
+def evaluate(args: argparse.Namespace, folder: LabelledFolder, uri: str) -> str:
+    """Load the model, score it on the folder in an MLflow run; the text to print."""
+    from visiontune import flavor, pipeline, store
+
+    clf = flavor.load(args.model, uri)
+    to_model = model_indices(folder.classes, clf.classes)  # refused before any run exists
+    clf.to(pipeline.pick_device(args.device))
+    experiment_id, source_here = evaluation_experiment(uri, clf.run_id, args.experiment)
+    given = model_reference(args.model)
+    with store.tracked_run(uri, run_start(experiment_id, given, folder, clf)) as run:
+        store.log_params(
+            {"data": folder.folder, "images": len(folder.samples), "batch_size": args.batch_size}
+        )
+        predictions = predict(clf, folder, to_model, args.batch_size, args.num_workers)
+        evaluation = score(folder, clf.classes, to_model, predictions)
+        store.log_params({"skipped_images": predictions.skipped})
+        # Linked to the logged model only where it lives in this store (not a folder from elsewhere).
+        store.log_metrics(eval_metrics(evaluation), model_id=clf.model_id if source_here else None)
+        record_files(evaluation, args.out)
+        lines = summary(evaluation)
+        store.set_tags({"mlflow.note.content": f"Evaluation of {given}:\n\n" + "\n\n".join(lines[:2])})
+    return "\n".join([*lines, where_to_see(args.tracking_uri, uri, experiment_id, run.info.run_id)])
+
+
+def evaluation_experiment(uri: str, source_run_id: str, name: str | None) -> tuple[str, bool]:
+    """The experiment to record in (the one named, else the training run's, else visiontune),
+    and whether the training run is in this store."""
+    from mlflow.exceptions import MlflowException
+
+    from visiontune import store
+
+    source = None
+    if source_run_id:
+        with contextlib.suppress(MlflowException):  # a model folder that came from another store
+            source = store.open_store(uri).get_run(source_run_id)
+    if name:
+        return store.ensure_experiment(uri, name), source is not None
+    if source is not None:
+        return source.info.experiment_id, True
+    return store.ensure_experiment(uri, DEFAULT_EXPERIMENT), False
+
+
+def model_reference(given: str) -> str:
+    """The model as the run records it: a URI, or a model folder's absolute path."""
+    from visiontune import flavor
+
+    uri = flavor.model_uri(given)
+    return str(Path(uri).resolve()) if Path(uri).is_dir() else uri
+
+
+def run_start(experiment_id: str, given: str, folder: LabelledFolder, clf: Classifier):
+    """evaluate-<model>-<folder>, tagged with what it scores, on what, and which run trained it."""
+    from visiontune import store
+
+    tags = {EVALUATES_TAG: given, DATA_TAG: str(folder.root), store.PROCESS_TAG: store.this_process()}
+    tags |= {SOURCE_RUN_TAG: clf.run_id} if clf.run_id else {}
+    tags |= {MODEL_ID_TAG: clf.model_id} if clf.model_id else {}
+    tags |= {"model": clf.model} if clf.model else {}
+    return store.RunStart(experiment_id, f"evaluate-{short_name(given)}-{folder.root.name}", tags)
+
+
+def short_name(model: str) -> str:
+    """A model as a run name shows it: a run id's first 8 characters, name-v3, name@alias, a folder."""
+    if model.startswith("runs:/"):
+        return model.removeprefix("runs:/").split("/")[0][:8]
+    if model.startswith("models:/"):
+        return model.removeprefix("models:/").replace("/", "-v")
+    return Path(model).name
+
+
+def record_files(evaluation: Evaluation, out: Path | None) -> None:
+    """The figures and CSV files as artifacts of the active run, and in `out` where given."""
+    from visiontune import store
+
+    with contextlib.ExitStack() as stack:
+        folder = out or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in write_files(evaluation, folder):
+            store.log_files(path, text=False)
+
+
+def write_files(evaluation: Evaluation, folder: Path) -> list[Path]:
+    """per_class.csv, predictions.csv, confusion_matrix.csv and .png, confident_mistakes.png."""
+    from visiontune import report
+
+    names = [evaluation.classes[i] for i in evaluation.shown]
+    counts = evaluation.scores.confusion[evaluation.shown][:, evaluation.shown].tolist()
+    matrix = [
+        {"true \\ predicted": name, **dict(zip(names, row, strict=True))}
+        for name, row in zip(names, counts, strict=True)
+    ]
+    texts = {
+        "per_class.csv": report.to_csv(per_class_rows(evaluation)),
+        "predictions.csv": report.to_csv(prediction_rows(evaluation)),
+        "confusion_matrix.csv": report.to_csv(matrix),
+    }
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    figures = {
+        "confusion_matrix.png": report.confusion_matrix(counts, names),
+        "confident_mistakes.png": report.confident_mistakes(*mistakes(evaluation)),
+    }
+    for name, figure in figures.items():
+        figure.savefig(folder / name)
+    return [folder / name for name in (*texts, *figures)]
+
+
+def prediction_rows(evaluation: Evaluation) -> list[dict]:
+    """path, true class, predicted class and its probability per image; the last two empty if skipped."""
+    folder, predictions = evaluation.folder, evaluation.predictions
+    rows = [
+        {"path": path, "true": folder.classes[label], "predicted": "", "probability": ""}
+        for path, label in folder.samples
+    ]
+    probability, predicted = predictions.top
+    for row, i, p in zip(predictions.rows.tolist(), predicted.tolist(), probability.tolist(), strict=True):
+        rows[row] |= {"predicted": evaluation.classes[i], "probability": f"{p:.6f}"}
+    return rows
+
+
+def mistakes(evaluation: Evaluation) -> tuple[list, list[str], int]:
+    """The most confident wrong predictions (images and captions, at most MISTAKES_SHOWN) and how
+    many predictions were wrong: the confident_mistakes figure's arguments."""
+    import torch
+    from torchvision.transforms.v2 import functional
+
+    from visiontune import data
+
+    predictions, classes = evaluation.predictions, evaluation.classes
+    probability, predicted = predictions.top
+    wrong = torch.nonzero(predicted != predictions.targets).flatten()
+    worst = wrong[probability[wrong].argsort(descending=True)[:MISTAKES_SHOWN]]
+    images, captions = [], []
+    for i in worst.tolist():
+        path = Path(evaluation.folder.samples[predictions.rows[i]][0])
+        images.append(
+            functional.resize(data.decode(str(path)), [160], antialias=True).permute(1, 2, 0).numpy()
+        )
+        captions.append(
+            f"{path.name[:28]}\ntrue: {classes[predictions.targets[i]][:24]}\n"
+            f"predicted: {classes[predicted[i]][:24]} ({probability[i]:.2f})"
+        )
+    return images, captions, len(wrong)
+
+
+def summary(evaluation: Evaluation) -> list[str]:
+    """Accuracy, macro F1, the per-class table, and the model classes it leaves out."""
+    from visiontune import report
+
+    result, predictions, classes = evaluation.scores, evaluation.predictions, evaluation.classes
+    images, where = len(predictions.rows), evaluation.folder.folder
+    present = int((result.support > 0).sum())
+    rows = per_class_rows(evaluation)
+    lines = [
+        f"accuracy  {result.accuracy:.4f}  ({images} images of {where}, {predictions.skipped} skipped)",
+        f"macro F1  {result.macro_f1:.4f}  (mean over the {present} classes with images)",
+        "",
+        report.to_markdown(rows).rstrip("\n"),
+    ]
+    if any(value is None for row in rows for value in row.values()):
+        lines.append(UNDEFINED_NOTE)
+    shown = set(evaluation.shown)
+    absent = [name for i, name in enumerate(classes) if i not in shown]
+    if absent:
+        more = f" and {len(absent) - 20} more" if len(absent) > 20 else ""
+        lines.append(f"left out, no images here and never predicted: {', '.join(absent[:20])}{more}")
+    return lines
+
+
+def where_to_see(given_uri: str | None, uri: str, experiment_id: str, run_id: str) -> str:
+    """The last line: the run's id and how to open it."""
+    from visiontune import ui
+
+    if uri.startswith(("http://", "https://")):
+        return f"evaluation run {run_id}: open {ui.experiment_url(uri, experiment_id, run_id)}"
+    command = "visiontune-ui" + (f" --tracking-uri {given_uri}" if given_uri else "")
+    url = ui.experiment_url(UI_BASE, experiment_id, run_id)
+    return f"evaluation run {run_id}: see it with {command}, at {url}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
