@@ -16,6 +16,24 @@ from visiontune import VisiontuneError
 from visiontune.models import PreparedModel
 
 
+def pick_device(requested: str) -> torch.device:
+    """auto (a CUDA GPU if there is one), cpu, mps, cuda or cuda:N, refused in one line if absent."""
+    from visiontune.config import DEVICE
+
+    if not DEVICE.fullmatch(requested):
+        raise VisiontuneError(f"device {requested!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VisiontuneError(
+            f"device {requested} was asked for but this machine has no CUDA GPU: use auto or cpu"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise VisiontuneError(f"device {requested}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how tensors are computed: device, input normalisation, autocast dtype, memory layout."""

@@ -63,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes"
     )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ..."
+    )
     parser.add_argument(
         "--experiment",
         help="where to record the run (default: the training run's experiment, else visiontune)",
@@ -294,11 +296,11 @@ def per_class_rows(evaluation: Evaluation) -> list[dict]:
 
 def evaluate(args: argparse.Namespace, folder: LabelledFolder, uri: str) -> str:
     """Load the model, score it on the folder in an MLflow run; the text to print."""
-    from visiontune import flavor, pipeline, store
+    from visiontune import engine, flavor, store
 
     clf = flavor.load(args.model, uri)
     to_model = model_indices(folder.classes, clf.classes)  # refused before any run exists
-    clf.to(pipeline.pick_device(args.device))
+    clf.to(engine.pick_device(args.device))
     experiment_id, source_here = evaluation_experiment(uri, clf.run_id, args.experiment)
     given = model_reference(args.model)
     with store.tracked_run(uri, run_start(experiment_id, given, folder, clf)) as run:

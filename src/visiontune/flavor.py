@@ -142,6 +142,11 @@ def load(given: str, tracking_uri: str) -> Classifier:
     or a local model directory."""
     uri = model_uri(given)
     if Path(uri).is_dir():
+        if not (Path(uri) / "MLmodel").is_file():
+            raise VisiontuneError(
+                f"{given} is a folder but not an MLflow model (no MLmodel file in it). Give a run id, "
+                "runs:/<id>/model, models:/<name>@<alias>, or a folder that holds a model's MLmodel file."
+            )
         return _from_directory(Path(uri))
     mlflow.set_tracking_uri(tracking_uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file, on stderr

@@ -20,7 +20,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from visiontune import (
-    VisiontuneError,
     checkpoint,
     classifier,
     config,
@@ -117,7 +116,7 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
         try:
             config.check_values(cfg)  # the CLI checked a single run's values; a sweep's job is a FAILED child
             record_start(cfg, job, continued, mode)
-            device = pick_device(str(cfg.device))
+            device = engine.pick_device(str(cfg.device))
             checked = check_data(cfg.data, job.launch_dir)
             torch.manual_seed(cfg.seed)
             weights = models.resolve_weights(spec.arch, cfg.model.weights, job.launch_dir)
@@ -215,15 +214,6 @@ def run_tags(cfg: DictConfig, job: Job) -> dict[str, str]:
         tag = re.sub(r"[^\w\-./ ]", "_", key.lstrip("+~"))
         tags[tag] = store.shorten(redact(value), store.TAG_VALUE_LIMIT)
     return tags
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VisiontuneError(f"device={requested} but this machine has no CUDA GPU: use device=auto or cpu")
-    return device
 
 
 def check_data(data_cfg: DictConfig, launch_dir: Path) -> data.CheckedData:

@@ -53,13 +53,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from visiontune import VisiontuneError
 
+    if args.out and not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
     try:
         paths = find_images(args.paths)
         rows = predict(args, paths, commands.model_store_uri(parser, args))
     except VisiontuneError as err:
         print(f"visiontune-predict: error: {err}", file=sys.stderr)
         return 1
-    write(rows, args.format, args.out, args.top_k)
+    try:
+        write(rows, args.format, args.out, args.top_k)
+    except OSError as err:
+        print(f"visiontune-predict: error: cannot write --out {args.out} ({err.strerror})", file=sys.stderr)
+        return 1
     unreadable = sum(1 for row in rows if row["error"])
     if args.out:
         print(f"wrote {len(rows)} rows to {args.out} ({unreadable} unreadable)", file=sys.stderr)
@@ -92,14 +98,11 @@ def find_images(given: Sequence[str]) -> list[str]:
 
 def predict(args: argparse.Namespace, paths: list[str], uri: str) -> list[dict]:
     """One row per path, in order: the top k classes and probabilities, or why it is unreadable."""
-    import torch
     from tqdm import tqdm
 
-    from visiontune import classifier, flavor
+    from visiontune import classifier, engine, flavor
 
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = engine.pick_device(args.device)
     model = flavor.load(args.model, uri).to(device)
     rows = [{"path": path, "classes": [], "probabilities": [], "error": "unreadable"} for path in paths]
     with tqdm(total=len(paths), unit="img", disable=None, file=sys.stderr) as bar:
