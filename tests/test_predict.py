@@ -92,6 +92,35 @@ def test_predict_names_a_missing_model_or_file_in_one_line(
     assert line.startswith("visiontune-predict: error:") and named in line, line
 
 
+BAD_ARGS = {
+    "no such device": (("--device", "gpu"), "device 'gpu' is not a device"),
+    "no GPU here": (("--device", "cuda"), "this machine has no CUDA GPU"),
+    "no such folder": (("--out", "/nonexistent/p.csv"), "the folder /nonexistent does not exist"),
+    "unwritable": (("--out", "/proc/p.csv"), "cannot write --out /proc/p.csv"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGS)
+def test_bad_options_are_one_line(tiny_sweep, tiny_folder, case, monkeypatch, capsys):
+    import torch
+
+    if case == "no GPU here" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    extra, message = BAD_ARGS[case]
+    args = (CHAMPION, str(tiny_folder / "val"), "--num-workers", "0", *extra)
+    try:
+        code, out, err = predict_here(tiny_sweep.cwd, *args, monkeypatch=monkeypatch, capsys=capsys)
+    except SystemExit as exit:  # argparse's own refusals
+        code, err = exit.code, capsys.readouterr().err
+    assert code in (1, 2) and message in err and "Traceback" not in err, err
+
+
+def test_a_folder_that_holds_no_model_is_named(tiny_folder, tmp_path, monkeypatch, capsys):
+    args = (str(tiny_folder), str(tiny_folder / "val"))
+    code, _, err = predict_here(tmp_path, *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and "is a folder but not an MLflow model" in err
+
+
 def test_the_pyfunc_takes_paths_bytes_and_base64_alike(tiny_sweep, champion, monkeypatch):
     import mlflow
     import pandas as pd
