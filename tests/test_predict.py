@@ -170,4 +170,4 @@ def test_mlflow_models_serve_answers_with_class_names(tiny_sweep, champion, tmp_
     assert len(predictions) == 2
     for answer in predictions:
         assert answer["class"] in {"ants", "bees"} and sorted(answer["top_classes"]) == ["ants", "bees"]
-        assert answer["probability"] == max(answer["top_probabilities"])
+        assert answer["probability"] == max(answer["top_probabilities"]) and answer["error"] is None

@@ -112,6 +112,7 @@ class ImageModel:
             "probability": scores[0],
             "top_classes": names,
             "top_probabilities": scores,
+            "error": None,  # null in a served answer, where a missing value would be NaN
         }
 
 
