@@ -63,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         write(rows, args.format, args.out, args.top_k)
+    except BrokenPipeError:  # `visiontune-predict ... | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's advice, for exit
+        return 1
     except OSError as err:
         print(f"visiontune-predict: error: cannot write --out {args.out} ({err.strerror})", file=sys.stderr)
         return 1
