@@ -36,7 +36,8 @@ def test_an_aux_loss_weight_needs_an_aux_head():
     [
         ("epochs=0", "epochs=0 must be a positive whole number"),
         ("optimizer.lr=-1", "optimizer.lr=-1 must be a positive number"),
-        ("precision=fp8", "precision=fp8 must be one of off, bf16, fp16"),
+        ("precision=fp8", "precision=fp8 must be one of auto, off, bf16, fp16"),
+        ("channels_last=maybe", "channels_last=maybe must be auto, true or false"),
         ("model.input_size=64", "model.input_size=64 is too small for inception"),
         ("model.weights=null", "model.weights is null"),
         ("batch_size=1", "batch_size=1 is too small for inception"),

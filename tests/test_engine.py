@@ -28,7 +28,7 @@ def test_backbone_cache_evaluates_exactly_like_the_full_model_and_runs_it_once(m
     criterion = nn.CrossEntropyLoss()
     full = engine.evaluate(model, batches, criterion, CPU)
 
-    cache = engine.BackboneCache(model, head, max_bytes=2**30)
+    cache = engine.BackboneCache(engine.FrozenBackbone(model, head), max_bytes=2**30)
     first_layer = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     calls = []
     first_layer.register_forward_hook(lambda *_: calls.append(1))
@@ -48,9 +48,41 @@ def test_backbone_cache_evaluates_exactly_like_the_full_model_and_runs_it_once(m
 
 def test_backbone_cache_stops_caching_past_its_budget(standin_weights):
     model = prepare_model("resnet", "feature_extract", standin_weights).module
-    cache = engine.BackboneCache(model, "fc", max_bytes=2 * 512 * 4)  # room for one batch of two
+    # Room for one batch of two.
+    cache = engine.BackboneCache(engine.FrozenBackbone(model, "fc"), max_bytes=2 * 512 * 4)
     engine.evaluate(model, val_batches("resnet"), nn.CrossEntropyLoss(), CPU, cache=cache)
     assert cache.cached is None
+
+
+@pytest.mark.parametrize("model_name", [name for name in ARCHS if SPECS[name].aux_head is None])
+def test_feature_extraction_split_at_the_head_trains_bit_for_bit_like_the_whole_model(
+    model_name, standin_weights
+):
+    """The backbone run apart (no autograd, its own precision) changes nothing at float32: the
+    same losses and the same head weights, dropout inside the frozen part included."""
+    batches = val_batches(model_name, n_batches=2)
+    results = []
+    for split in (False, True):
+        prepared = prepare_model(model_name, "feature_extract", standin_weights)
+        head = prepared.module.get_submodule(SPECS[model_name].head)
+        optimizer = torch.optim.SGD([p for p in prepared.module.parameters() if p.requires_grad], lr=0.1)
+        training = cpu_training(prepared, optimizer)
+        frozen = engine.FrozenBackbone(prepared.module, SPECS[model_name].head) if split else None
+        torch.manual_seed(3)  # the dropout draws
+        result = engine.train_one_epoch(training, batches, frozen=frozen)
+        results.append((result.loss, result.acc, [p.detach().clone() for p in head.parameters()]))
+    (loss, acc, weights), (split_loss, split_acc, split_weights) = results
+    assert (split_loss, split_acc) == (loss, acc)
+    assert all(torch.equal(a, b) for a, b in zip(weights, split_weights, strict=True))
+
+
+def test_precision_auto_is_bf16_only_where_it_pays():
+    cpu = torch.device("cpu")
+    assert engine.precision_for("off", cpu) == (None, None)
+    assert engine.precision_for("bf16", cpu) == (torch.bfloat16, torch.bfloat16)
+    bf16_cpu = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    # On a CPU, training stays float32; only a frozen backbone's forward pass may use bf16.
+    assert engine.precision_for("auto", cpu) == (None, torch.bfloat16 if bf16_cpu else None)
 
 
 def test_tallies_average_over_images_not_batches():

@@ -117,7 +117,7 @@ CONFIG_MISTAKES = {
     "optimizer.lr=0": "optimizer.lr=0 must be a positive number",
     "optimizer.lr='0.001'": "optimizer.lr='0.001' is a string",
     "device=gpu": "device=gpu is not a device: use auto, cpu, cuda, cuda:N or mps",
-    "precision=fp8": "precision=fp8 must be one of off, bf16, fp16",
+    "precision=fp8": "precision=fp8 must be one of auto, off, bf16, fp16",
     "epoch=3": "unknown key epoch; did you mean epochs?",
     "lr=0.01": "unknown key lr; did you mean optimizer.lr?",
     "data.root=/data/café": """'data.root="/data/café"'""",

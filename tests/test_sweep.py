@@ -45,7 +45,8 @@ def summary(cwd, parent):
         return list(csv.DictReader(io.StringIO(f.read())))
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+# The basic launcher's sweep is also what every test on the shared `tiny_sweep` reads: slow here.
+@pytest.mark.parametrize("launcher", [pytest.param("basic", marks=pytest.mark.slow), "joblib"])
 def test_multirun_is_one_parent_with_its_jobs_as_children(tmp_path, tiny_folder, launcher):
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
     # joblib's worker processes start DataLoader workers of their own (num_workers=1).
@@ -127,6 +128,7 @@ def test_optuna_search_maximises_best_val_acc_with_each_trial_a_child(tmp_path, 
     assert f"best_value: {best}" in results.read_text(), "Optuna received each trial's best val acc"
 
 
+@pytest.mark.slow  # an edge case of an optional plugin (25 s); -m slow runs it
 def test_optuna_search_where_every_trial_fails_ends_its_parent_failed(tmp_path, tiny_folder):
     result = optuna_search(tmp_path, tiny_folder, "mode=feature_extract", "model.weights=/missing.pth")
     assert result.returncode == 1

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from visiontune import VisiontuneError
 
-PRECISIONS = ("off", "bf16", "fp16")
+PRECISIONS = ("auto", "off", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,8 @@ def check_values(cfg: DictConfig) -> None:
         raise VisiontuneError(f"num_workers={cfg.num_workers} must be auto or a whole number, 0 or more")
     if str(cfg.precision) not in PRECISIONS:
         raise VisiontuneError(f"precision={cfg.precision} must be one of {', '.join(PRECISIONS)}")
+    if cfg.channels_last not in (True, False, "auto"):
+        raise VisiontuneError(f"channels_last={cfg.channels_last} must be auto, true or false")
     every = cfg.checkpoint.every_epochs
     if not isinstance(every, int) or isinstance(every, bool) or every < 0:
         raise VisiontuneError(f"checkpoint.every_epochs={every} must be a whole number, 0 (none) or more")

@@ -34,6 +34,25 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_for(requested: str, device: torch.device) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """(autocast dtype of the training step, of a frozen backbone's pass) for precision=<requested>.
+
+    auto: bf16 throughout on a CUDA GPU that has it; on a CPU with bf16 instructions only for a
+    frozen backbone's forward pass, where it measured faster (training through bf16 on such a
+    CPU measured slower than float32); float32 elsewhere.
+    """
+    if requested != "auto":
+        return AMP_DTYPES[requested], AMP_DTYPES[requested]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16, torch.bfloat16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None, torch.bfloat16
+    return None, None
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how tensors are computed: device, input normalisation, autocast dtype, memory layout."""
@@ -42,11 +61,15 @@ class Runtime:
     normalize: Callable[[torch.Tensor], torch.Tensor]
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
+    # Autocast for a frozen backbone's forward pass alone (no gradients flow there): where bf16
+    # pays in forward-only work but not in training, as on CPUs with AVX512-BF16 or AMX.
+    frozen_amp_dtype: torch.dtype | None = None
 
-    def autocast(self):
-        if self.amp_dtype is None:
+    def autocast(self, frozen: bool = False):
+        dtype = self.frozen_amp_dtype if frozen else self.amp_dtype
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def inputs(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -113,16 +136,23 @@ class _Tally:
         )
 
 
-def train_one_epoch(training: Training, loader, desc: str = "train") -> PhaseResult:
-    """One optimisation pass over `loader`."""
+def train_one_epoch(
+    training: Training, loader, desc: str = "train", frozen: FrozenBackbone | None = None
+) -> PhaseResult:
+    """One optimisation pass over `loader`; with `frozen`, the backbone runs apart from the head."""
     model, runtime = training.model, training.runtime
     start = _clock(runtime.device)
     model.train_mode()
     tally = _Tally(runtime.device)
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
         images, labels = runtime.inputs(images, labels)
-        with runtime.autocast():
-            logits, loss = _training_loss(model, images, labels, training.criterion)
+        if frozen is not None:
+            logits = frozen.logits(frozen.features(images, runtime), runtime)
+            with runtime.autocast():
+                loss = training.criterion(logits, labels)
+        else:
+            with runtime.autocast():
+                logits, loss = _training_loss(model, images, labels, training.criterion)
         training.optimizer.zero_grad(set_to_none=True)
         training.scaler.scale(loss).backward()
         training.scaler.step(training.optimizer)
@@ -159,7 +189,7 @@ def evaluate(
     start = _clock(runtime.device)
     model.eval()
     tally = _Tally(runtime.device)
-    batches = cache.logits(model, loader, runtime) if cache else _logits(model, loader, runtime)
+    batches = cache.logits(loader, runtime) if cache else _logits(model, loader, runtime)
     for logits, labels in tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None):
         with runtime.autocast():
             loss = criterion(logits, labels)
@@ -174,43 +204,81 @@ def _logits(model: nn.Module, loader, runtime: Runtime):
             yield model(images), labels
 
 
+class _HeadReached(Exception):
+    """Raised by FrozenBackbone's hook: the forward pass stops where the head would begin."""
+
+
+class FrozenBackbone:
+    """A model whose layers below its head do not train (feature extraction), run in two parts.
+
+    The layers below the head run without autograd and in their own precision
+    (Runtime.frozen_amp_dtype); the head and whatever follows it in forward (found with
+    torch.fx, so heads that are not the last layer, like SqueezeNet's, work too) run as usual.
+    The parts run in the order of one forward pass, so the results, dropout's random draws
+    included, are those of calling the model whole.
+    """
+
+    def __init__(self, model: nn.Module, head: str):
+        self.model = model
+        self.head = model.get_submodule(head)
+        self.tail = _graph_after(model, head)
+
+    def features(self, images: torch.Tensor, runtime: Runtime, training: bool = True) -> torch.Tensor:
+        """The head's input for `images`, float32. (A hook per call: microseconds, next to a pass.)
+
+        Only training uses the frozen pass's own precision: validation computes its features once
+        (BackboneCache), where bf16 would save little and move val accuracy away from what the
+        logged model, predicting in float32, reproduces."""
+        captured: list[torch.Tensor] = []
+
+        def stop(_, args):
+            captured.append(args[0])
+            raise _HeadReached
+
+        hook = self.head.register_forward_pre_hook(stop)
+        try:
+            with torch.no_grad(), runtime.autocast(frozen=training):
+                self.model(images)
+        except _HeadReached:
+            pass
+        finally:
+            hook.remove()
+        return captured[0].float()
+
+    def logits(self, features: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+        with runtime.autocast():
+            return self.tail(features)
+
+
 class BackboneCache:
     """Evaluation for a model that only trains its head, with the backbone in eval mode.
 
     Everything below the head is then a fixed function and the val images never change, so
-    the head's inputs are computed once, on the first pass (a full forward, captured by a hook
-    on the head), and later passes run only the head and what follows it in forward (found
-    with torch.fx, so architectures whose head is not the last layer, like SqueezeNet's,
-    work too). Caching stops if the inputs would take more than `max_bytes`.
+    the head's inputs are computed on the first pass only; later passes run the head and what
+    follows it. Caching stops if the inputs would take more than `max_bytes`.
     """
 
-    def __init__(self, model: nn.Module, head: str, max_bytes: int):
-        self.head = model.get_submodule(head)
-        self.tail = _graph_after(model, head)
+    def __init__(self, backbone: FrozenBackbone, max_bytes: int):
+        self.backbone = backbone
         self.max_bytes = max_bytes
         self.cached: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def logits(self, model: nn.Module, loader, runtime: Runtime):
+    def logits(self, loader, runtime: Runtime):
         if self.cached is not None:
             for features, labels in self.cached:
-                with runtime.autocast():
-                    yield self.tail(features), labels
+                yield self.backbone.logits(features, runtime), labels
             return
-        captured: list[torch.Tensor] = []
-        hook = self.head.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
         cache: list | None = []
         size = 0
-        try:
-            for logits, labels in _logits(model, loader, runtime):
-                features = captured.pop()
-                size += features.numel() * features.element_size()
-                if cache is not None and size <= self.max_bytes:
-                    cache.append((features, labels))
-                else:
-                    cache = None
-                yield logits, labels
-        finally:
-            hook.remove()
+        for images, labels in loader:
+            images, labels = runtime.inputs(images, labels)
+            features = self.backbone.features(images, runtime, training=False)
+            size += features.numel() * features.element_size()
+            if cache is not None and size <= self.max_bytes:
+                cache.append((features, labels))
+            else:
+                cache = None
+            yield self.backbone.logits(features, runtime), labels
         self.cached = cache
 
 
@@ -272,14 +340,17 @@ def fit(
     Where the mode allows it, evaluation caches the backbone's output, up to `cache_bytes`.
     """
     prepared, module = training.model, training.model.module
-    cache = BackboneCache(module, prepared.spec.head, cache_bytes) if prepared.cache_backbone else None
+    backbone = FrozenBackbone(module, prepared.spec.head) if prepared.cache_backbone else None
+    cache = BackboneCache(backbone, cache_bytes) if backbone else None
+    # An auxiliary head that trains reads the backbone's middle: such a model trains whole.
+    split = backbone if prepared.spec.aux_head is None else None
     progress = progress or Progress()
     for epoch in range(progress.epoch + 1, training.epochs + 1):
         tic = time.perf_counter()
         lr = training.optimizer.param_groups[0]["lr"]
         if hasattr(loaders["train"], "set_epoch"):
             loaders["train"].set_epoch(epoch)
-        tr = train_one_epoch(training, loaders["train"], desc=f"epoch {epoch} train")
+        tr = train_one_epoch(training, loaders["train"], desc=f"epoch {epoch} train", frozen=split)
         if tr.first_nonfinite_batch is not None:
             raise NonFiniteLoss(_divergence(tr, epoch, lr, training.runtime.amp_dtype == torch.float16))
         va = evaluate(

@@ -35,8 +35,6 @@ from visiontune.config import Mode
 
 log = logging.getLogger("visiontune")
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass(frozen=True)
 class Job:
@@ -284,8 +282,17 @@ def build_loaders(cfg: DictConfig, checked: data.CheckedData, prepared: models.P
 
 def build_training(cfg: DictConfig, prepared: models.PreparedModel, device) -> engine.Training:
     """Loss, optimiser, schedule, precision and memory layout around the prepared model."""
-    amp_dtype = AMP_DTYPES[str(cfg.precision)]
-    layout = torch.channels_last if cfg.channels_last else torch.preserve_format
+    amp_dtype, frozen_amp_dtype = engine.precision_for(str(cfg.precision), device)
+    # auto: NHWC wherever bf16 runs, whose fast convolutions want it (x1.8 on a CPU's frozen
+    # squeezenet pass); float32 convolutions measured the same either way.
+    channels_last = cfg.channels_last
+    if channels_last == "auto":
+        channels_last = (amp_dtype or frozen_amp_dtype) == torch.bfloat16
+    layout = torch.channels_last if channels_last else torch.preserve_format
+    if cfg.precision == "auto" or cfg.channels_last == "auto":
+        name = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        frozen = f", frozen backbone {name[frozen_amp_dtype]}" if prepared.cache_backbone else ""
+        log.info("precision: training %s%s; channels_last %s", name[amp_dtype], frozen, channels_last)
     prepared.module.to(device, memory_format=layout)
     optimizer = instantiate(cfg.optimizer)(
         params=[p for p in prepared.module.parameters() if p.requires_grad]
@@ -296,7 +303,9 @@ def build_training(cfg: DictConfig, prepared: models.PreparedModel, device) -> e
         optimizer=optimizer,
         scheduler=instantiate(cfg.scheduler)(optimizer=optimizer) if cfg.scheduler else None,
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        runtime=engine.Runtime(device, data.Normalizer(device), amp_dtype, cfg.channels_last),
+        runtime=engine.Runtime(
+            device, data.Normalizer(device), amp_dtype, channels_last, frozen_amp_dtype=frozen_amp_dtype
+        ),
         epochs=cfg.epochs,
     )
 
