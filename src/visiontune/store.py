@@ -381,7 +381,23 @@ def log_datasets(root: Path, classes: list[str], samples: Mapping[str, list[tupl
         # MLflow's hint on integer columns, from the schema it infers here, concerns model inputs.
         with _writing(f"record the {split} split"), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
+            _log_input(dataset, context)
+
+
+def _log_input(dataset, context: str) -> None:
+    """mlflow.log_input, for runs that record the same data at the same moment (launches side
+    by side, a parallel sweep): MLflow looks the dataset up, then inserts it, and the later of
+    two inserts breaks the store's uniqueness rule. By the next try the dataset exists."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
             mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as err:
+            if "UNIQUE constraint failed: datasets" not in str(err) or attempt == 2:
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def set_tags(tags: Mapping[str, str]) -> None:
