@@ -62,7 +62,9 @@ def uninterrupted(tmp_path_factory, folder):
     return history(cwd, run), run.data.metrics["best_val_acc"], weights(cwd, run)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+# With 2 workers the order and augmentations also cross process boundaries: the stronger case
+# runs by default, the in-process one with -m slow.
+@pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_a_killed_run_resumes_into_the_same_run_and_ends_exactly_as_an_uninterrupted_one(
     tmp_path, folder, uninterrupted, workers
 ):
