@@ -287,7 +287,8 @@ def build_training(cfg: DictConfig, prepared: models.PreparedModel, device) -> e
     # squeezenet pass); float32 convolutions measured the same either way.
     channels_last = cfg.channels_last
     if channels_last == "auto":
-        channels_last = (amp_dtype or frozen_amp_dtype) == torch.bfloat16
+        frozen_pass = frozen_amp_dtype if prepared.cache_backbone else None  # only feature_extract has one
+        channels_last = (amp_dtype or frozen_pass) == torch.bfloat16
     layout = torch.channels_last if channels_last else torch.preserve_format
     if cfg.precision == "auto" or cfg.channels_last == "auto":
         name = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
