@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -56,18 +58,22 @@ class Classifier:
     def to(self, device: torch.device) -> Classifier:
         self.module.to(device).eval()
         self.device = device
+        self.__dict__.pop("normalize", None)  # made again on the new device
         return self
 
-    @property
+    @functools.cached_property
     def transform(self):
         """uint8 image -> uint8 (3, input_size, input_size): validation's resize and centre crop."""
         return data.transforms(self.input_size)["val"]
 
+    @functools.cached_property
+    def normalize(self) -> data.Normalizer:
+        return data.Normalizer(self.device, self.mean, self.std)
+
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N, classes) in float32 on the CPU, for a uint8 batch from `transform`."""
-        normalize = data.Normalizer(self.device, self.mean, self.std)
         with torch.inference_mode():
-            logits = self.module(normalize(images.to(self.device, non_blocking=True)))
+            logits = self.module(self.normalize(images.to(self.device, non_blocking=True)))
         return torch.softmax(logits.float(), dim=1).cpu()
 
 
@@ -132,8 +138,9 @@ def classify_files(
     classifier: Classifier, paths: Sequence[str], batch_size: int, num_workers: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(row indices, probabilities) per batch; rows of files that do not decode are left out
-    (each with a warning line from data.ImageFiles)."""
+    (each with a warning line from data.ImageFiles). A progress bar on stderr, when it is a terminal."""
     from torch.utils.data import DataLoader
+    from tqdm import tqdm
 
     files = data.ImageFiles([(p, i) for i, p in enumerate(paths)], classifier.transform, skip_bad=True)
     loader = data.SkippingLoader(
@@ -145,5 +152,9 @@ def classify_files(
             pin_memory=classifier.device.type == "cuda",
         )
     )
-    for images, rows in loader:
-        yield rows, classifier.probabilities(images)
+    decoded = 0
+    with tqdm(total=len(paths), unit="img", disable=None, file=sys.stderr) as bar:
+        for images, rows in loader:
+            yield rows, classifier.probabilities(images)
+            decoded += len(rows)
+            bar.update(decoded + loader.skipped - bar.n)  # skipped images count as done too

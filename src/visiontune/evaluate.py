@@ -169,17 +169,14 @@ def predict(
 ) -> Predictions:
     """The model's probabilities for every image that decodes, with its true class."""
     import torch
-    from tqdm import tqdm
 
     from visiontune import VisiontuneError, classifier
 
     paths = [path for path, _ in folder.samples]
     rows, probabilities = [torch.empty(0, dtype=torch.long)], [torch.empty(0, len(clf.classes))]
-    with tqdm(total=len(paths), unit="img", disable=None, file=sys.stderr) as bar:
-        for batch_rows, batch_probabilities in classifier.classify_files(clf, paths, batch_size, workers):
-            rows.append(batch_rows)
-            probabilities.append(batch_probabilities)
-            bar.update(len(batch_rows))
+    for batch_rows, batch_probabilities in classifier.classify_files(clf, paths, batch_size, workers):
+        rows.append(batch_rows)
+        probabilities.append(batch_probabilities)
     decoded = torch.cat(rows)
     if not len(decoded):
         raise VisiontuneError(f"none of the {len(paths)} images in {folder.folder} decodes")

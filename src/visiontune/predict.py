@@ -101,21 +101,15 @@ def find_images(given: Sequence[str]) -> list[str]:
 
 def predict(args: argparse.Namespace, paths: list[str], uri: str) -> list[dict]:
     """One row per path, in order: the top k classes and probabilities, or why it is unreadable."""
-    from tqdm import tqdm
-
     from visiontune import classifier, engine, flavor
 
     device = engine.pick_device(args.device)
     model = flavor.load(args.model, uri).to(device)
     rows = [{"path": path, "classes": [], "probabilities": [], "error": "unreadable"} for path in paths]
-    with tqdm(total=len(paths), unit="img", disable=None, file=sys.stderr) as bar:
-        for indices, probabilities in classifier.classify_files(
-            model, paths, args.batch_size, args.num_workers
-        ):
-            scores, classes = classifier.top_k(probabilities, args.top_k)
-            for row, top, names in zip(indices.tolist(), scores.tolist(), classes.tolist(), strict=True):
-                rows[row] |= {"classes": [model.classes[i] for i in names], "probabilities": top, "error": ""}
-            bar.update(len(indices))
+    for indices, probabilities in classifier.classify_files(model, paths, args.batch_size, args.num_workers):
+        scores, classes = classifier.top_k(probabilities, args.top_k)
+        for row, top, names in zip(indices.tolist(), scores.tolist(), classes.tolist(), strict=True):
+            rows[row] |= {"classes": [model.classes[i] for i in names], "probabilities": top, "error": ""}
     return rows
 
 
