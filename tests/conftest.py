@@ -24,7 +24,7 @@ os.environ.update(NO_TELEMETRY)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "hymenoptera_data"
-MODES = ("finetune", "feature_extract", "scratch")
+MODES = ("finetune", "feature_extract", "scratch", "staged")
 
 
 def compose_cfg(*overrides: str):
@@ -225,6 +225,17 @@ def prepare_model(model_name: str, mode: str, standin_weights=None, num_classes:
         weights = models.Weights(spec.arch, str(standin_weights(spec.arch)), kind="file")
     torch.manual_seed(0)
     return models.prepare(spec, parsed, num_classes, weights)
+
+
+def tiny_prepared(module):
+    """A PreparedModel of a small module whose layer "1" is its head, everything training."""
+    from visiontune import models
+
+    spec = config.ModelSpec(name="tiny", arch="-", head="1", input_size=2)
+    mode = config.Mode("scratch", pretrained=False, trainable_from="head", freeze_norm_stats=False)
+    prepared = models.PreparedModel(module, spec, mode, None, models.layer_groups(module, spec))
+    prepared.enter_epoch(1)
+    return prepared
 
 
 def cpu_training(prepared, optimizer, epochs: int = 1, runtime=None, scheduler=None):

@@ -1,9 +1,9 @@
 """Every model x mode x optimizer x scheduler composes into typed values the code can use."""
 
 import pytest
-from hydra.utils import instantiate
+import torch
 
-from conftest import ARCHS, MODES, compose_cfg
+from conftest import ARCHS, MODES, compose_cfg, tiny_prepared
 from visiontune import VisiontuneError, config
 
 
@@ -60,28 +60,30 @@ def test_default_is_the_tutorials_experiment():
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_optimizers_instantiate_with_overrides(name):
-    import torch
+    from visiontune import optim
 
     cfg = compose_cfg(f"optimizer={name}", "optimizer.lr=0.0003")
-    param = torch.nn.Parameter(torch.zeros(2))
-    optimizer = instantiate(cfg.optimizer)(params=[param])
+    optimizer = optim.build_optimizer(
+        cfg.optimizer, tiny_prepared(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2, 2)))
+    )
     assert type(optimizer).__name__.lower() == name
     assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
 
 
-@pytest.mark.parametrize("name", ["none", "step", "cosine"])
+@pytest.mark.parametrize("name", ["none", "step", "cosine", "onecycle"])
 def test_schedulers_instantiate(name):
-    import torch
+    from visiontune import optim
 
     cfg = compose_cfg(f"scheduler={name}", "epochs=4")
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    scheduler, per_batch = optim.build_scheduler(cfg.scheduler, optimizer, epochs=4, steps_per_epoch=3)
     if name == "none":
-        assert not cfg.scheduler
+        assert scheduler is None and not per_batch
         return
-    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer)
-    for _ in range(4):
+    assert per_batch == (name == "onecycle")
+    for _ in range(12 if per_batch else 4):
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] < 1.0 or name == "step"
     if name == "cosine":
-        assert scheduler.T_max == 4  # follows epochs
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # ends at final_factor 0

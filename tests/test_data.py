@@ -316,3 +316,39 @@ def test_download_with_wrong_archive_md5_is_refused(tmp_path, local_server):
     with pytest.raises(VisiontuneError, match="could not download"):
         data.prepare_root(root, f"{base}/i.zip", "0" * 32, None)
     assert not root.exists()
+
+
+def epoch_batches(loader, epoch: int) -> list:
+    loader.set_epoch(epoch)
+    return [(images.clone(), labels.clone()) for images, labels in loader]
+
+
+def test_training_images_decoded_once_give_the_same_batches_without_reopening_files(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"train": 5, "val": 1}, size=(60, 45))
+    samples = data.find_samples(root)[1]
+    plain = data.build_loaders(samples, data.LoaderSettings(32, 4, num_workers=0, seed=3))["train"]
+    cached_settings = data.LoaderSettings(32, 4, num_workers=1, seed=3, train_cache_bytes=2**20)
+    cached = data.build_loaders(samples, cached_settings)["train"]
+    assert cached.loader.dataset.decoded is not None
+    expected = [epoch_batches(plain, epoch) for epoch in (1, 2)]
+    for path, _ in samples["train"]:
+        Path(path).write_bytes(b"gone")  # later epochs must not need the files
+    for epoch, batches in zip((1, 2), expected, strict=True):
+        got = epoch_batches(cached, epoch)
+        assert len(got) == len(batches) == 3
+        for (images, labels), (want_images, want_labels) in zip(got, batches, strict=True):
+            assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+
+def test_decoded_training_images_keep_a_bounded_size_and_budget(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data", {"train": 40, "val": 1}, size=(400, 300))
+    samples = data.find_samples(root)[1]
+    settings = data.LoaderSettings(32, 4, num_workers=0, seed=0, train_cache_bytes=2**21)
+    decoded = data.build_loaders(samples, settings)["train"].loader.dataset.decoded
+    assert decoded is not None and {tuple(d.shape) for d in decoded} == {(3, 64, 85)}, "shorter side 2 x 32"
+    caplog.set_level(logging.INFO, logger="visiontune.data")
+    small = data.LoaderSettings(32, 4, num_workers=0, seed=0, train_cache_bytes=100_000)
+    loader = data.build_loaders(samples, small)["train"]
+    assert loader.loader.dataset.decoded is None, "over budget: each epoch decodes again"
+    assert "would pass the cache budget" in caplog.text
+    assert sum(len(labels) for _, labels in loader) == 80

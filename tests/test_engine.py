@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ARCHS, SPECS, cpu_training, input_size_for, prepare_model
+from conftest import ARCHS, SPECS, cpu_training, input_size_for, prepare_model, tiny_prepared
 from visiontune import engine
 
 CPU = engine.Runtime(torch.device("cpu"), normalize=nn.Identity())
@@ -111,12 +111,9 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(channels_last):
 
 
 def test_fit_restores_the_best_epochs_weights_and_reports_each_epoch():
-    from visiontune import config, models
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
-    spec = config.ModelSpec(name="tiny", arch="-", head="1", input_size=2)
-    prepared = models.PreparedModel(model, spec, None, (), cache_backbone=False)
+    prepared = tiny_prepared(model)
     images = torch.randn(8, 3, 2, 2)
     loaders = {"train": [(images, torch.tensor([0, 1] * 4))], "val": [(images, torch.tensor([0, 1] * 4))]}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -130,7 +127,7 @@ def test_fit_restores_the_best_epochs_weights_and_reports_each_epoch():
     training = cpu_training(prepared, optimizer, epochs=4, scheduler=scheduler)
     result = engine.fit(training, loaders, on_epoch=on_epoch)
     assert [r.epoch for r in reports] == [1, 2, 3, 4]
-    assert [r.lr for r in reports] == [0.5, 0.25, 0.125, 0.0625], "the lr each epoch trained with"
+    assert [r.lrs["0"] for r in reports] == [0.5, 0.25, 0.125, 0.0625], "the lr each epoch trained with"
     assert result.val_curve == [r.val.acc for r in reports]
     assert result.best_acc == max(result.val_curve)
     assert result.best_epoch == result.val_curve.index(result.best_acc) + 1
@@ -140,11 +137,8 @@ def test_fit_restores_the_best_epochs_weights_and_reports_each_epoch():
 
 
 def test_a_nonfinite_training_loss_stops_fit_naming_epoch_and_batch():
-    from visiontune import config, models
-
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
-    spec = config.ModelSpec(name="tiny", arch="-", head="1", input_size=2)
-    prepared = models.PreparedModel(model, spec, None, (), cache_backbone=False)
+    prepared = tiny_prepared(model)
     images, labels = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 0, 1])
     broken = torch.full_like(images, float("inf"))  # what an overflowing forward pass hands the loss
     loaders = {"train": [(images, labels), (broken, labels), (images, labels)], "val": [(images, labels)]}

@@ -519,7 +519,7 @@ def test_fine_tune_a_logged_model_on_data_with_more_classes(workspace, tmp_path)
     assert wrong.returncode == 1 and "is not a resnet18 model" in wrong.stderr
 
 
-@pytest.mark.parametrize("mode", ["scratch", "feature_extract"])
+@pytest.mark.parametrize("mode", ["scratch", "feature_extract", "staged"])
 def test_auto_precision_and_layout_follow_the_mode_on_this_cpu(mode, standin_weights):
     """On a CPU only feature extraction's frozen pass may use bf16, and NHWC comes with it."""
     import torch
@@ -529,9 +529,9 @@ def test_auto_precision_and_layout_follow_the_mode_on_this_cpu(mode, standin_wei
 
     prepared = prepare_model("squeezenet", mode, standin_weights)
     cfg = compose_cfg("model=squeezenet", f"mode={mode}")
-    runtime = pipeline.build_training(cfg, prepared, torch.device("cpu")).runtime
+    runtime = pipeline.build_training(cfg, prepared, torch.device("cpu"), steps_per_epoch=1).runtime
     bf16_cpu = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    uses_bf16 = mode == "feature_extract" and bf16_cpu
+    uses_bf16 = mode in ("feature_extract", "staged") and bf16_cpu  # staged: its frozen first epochs
     assert runtime.amp_dtype is None, "training itself stays float32 on a CPU"
     assert runtime.frozen_amp_dtype == (torch.bfloat16 if bf16_cpu else None)
     assert runtime.channels_last == uses_bf16

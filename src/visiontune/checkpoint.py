@@ -24,7 +24,7 @@ from visiontune import VisiontuneError, engine, store
 LAST, BEST = "last.pt", "best.pt"
 # Keys that may change on resume: how long it trains, and what does not change the numbers
 # (where the run is recorded, how many processes decode; results do not depend on the latter).
-MAY_DIFFER = ("epochs", "resume", "checkpoint.", "mlflow.", "num_workers", "data.val_cache_mb")
+MAY_DIFFER = ("epochs", "resume", "checkpoint.", "mlflow.", "num_workers", "data.cache_mb")
 
 
 @dataclass(frozen=True)
@@ -214,6 +214,14 @@ def resumed_config(saved: Saved, cfg: DictConfig, overrides: list[str]) -> DictC
         raise VisiontuneError(
             f"resume: {', '.join(clash)} differ from the run being resumed, which would change its "
             f"training; only epochs (and where it is recorded) may change. Start a new run instead."
+        )
+    stretched = "epochs" in given and now.get("epochs") != saved.config.get("epochs")
+    if stretched and saved.config.get("scheduler.interval") == "batch":
+        raise VisiontuneError(
+            f"resume: epochs={now.get('epochs')} would stretch the run's per-batch schedule "
+            f"({saved.config.get('scheduler._target_')}), laid out for its {saved.config.get('epochs')} "
+            f"epochs; resume without epochs=, or start a new run from its model "
+            f"(model.weights=runs:/{saved.run_id}/model)"
         )
     resumed = OmegaConf.create(_nest(saved.config))
     for key in given:

@@ -35,26 +35,55 @@ class ModelSpec:
     aux_loss_weight: float = 0.0  # 0 with an aux_head: its output is computed and ignored
     pretrained_kwargs: Mapping = field(default_factory=dict)  # builder arguments the weights expect
     scratch_kwargs: Mapping = field(default_factory=dict)  # builder arguments for random init
+    # The layers below the heads, input first: group name -> module paths. The heads are the last group.
+    layer_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def heads(self) -> tuple[str, ...]:
         return (self.head,) if self.aux_head is None else (self.head, self.aux_head)
 
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        """Every layer group, from the input to the head."""
+        return (*self.layer_groups, HEAD_GROUP)
+
+
+HEAD_GROUP = "head"
+
 
 @dataclass(frozen=True)
 class Mode:
-    """A transfer-learning mode (one conf/mode/*.yaml): where weights come from and what trains."""
+    """A transfer-learning mode (one conf/mode/*.yaml): where weights come from and what trains when."""
 
     name: str
     pretrained: bool
-    train_backbone: bool
-    freeze_norm_stats: bool  # with a frozen backbone: its BatchNorm statistics stay too
+    trainable_from: str  # the earliest layer group that trains: the first one (all train) ... head
+    freeze_norm_stats: bool  # norm layers of groups that do not train keep their statistics too
+    freeze_epochs: int = 0  # staged: only the head trains for this many epochs first
+    unfreeze_every: int = 0  # then 0: unfreeze down to trainable_from at once; N: one more group per N epochs
+
+    @property
+    def train_backbone(self) -> bool:
+        """Whether anything below the head trains, in some epoch."""
+        return self.trainable_from != HEAD_GROUP
+
+    def trainable_groups(self, epoch: int, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The layer groups that train in `epoch` (1-based); `names` from the input to the head."""
+        head, target = len(names) - 1, names.index(self.trainable_from)
+        if epoch <= self.freeze_epochs:
+            first = head
+        elif self.unfreeze_every:  # the group below the head first, then one more each unfreeze_every
+            first = max(target, head - 1 - (epoch - self.freeze_epochs - 1) // self.unfreeze_every)
+        else:
+            first = target
+        return names[first:]
 
 
 def model_spec(model_cfg: DictConfig) -> ModelSpec:
     """The spec of the composed `model` group; `weights` is the user's choice, not a fact of it."""
     facts = OmegaConf.to_container(model_cfg, resolve=True)
     facts.pop("weights", None)
+    facts["layer_groups"] = {name: tuple(paths) for name, paths in facts.get("layer_groups", {}).items()}
     try:
         spec = ModelSpec(**facts)
     except TypeError as err:  # an unknown or missing key in a model YAML
@@ -105,6 +134,15 @@ def check_values(cfg: DictConfig) -> None:
         raise VisiontuneError(f"precision={cfg.precision} must be one of {', '.join(PRECISIONS)}")
     if cfg.channels_last not in (True, False, "auto"):
         raise VisiontuneError(f"channels_last={cfg.channels_last} must be auto, true or false")
+    if cfg.deterministic not in (True, False):
+        raise VisiontuneError(f"deterministic={cfg.deterministic} must be true or false")
+    smoothing = cfg.loss.label_smoothing
+    if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing < 1:
+        raise VisiontuneError(
+            f"loss.label_smoothing={smoothing} must be a number from 0 up to (not including) 1, e.g. 0.1"
+        )
+    lr_decay = cfg.optimizer.get("lr_decay", 1.0)
+    _check_number("optimizer.lr_decay", lr_decay, 0.3, whole=False)
     every = cfg.checkpoint.every_epochs
     if not isinstance(every, int) or isinstance(every, bool) or every < 0:
         raise VisiontuneError(f"checkpoint.every_epochs={every} must be a whole number, 0 (none) or more")
@@ -112,10 +150,26 @@ def check_values(cfg: DictConfig) -> None:
         raise VisiontuneError(f"device={cfg.device} is not a device: use auto, cpu, cuda, cuda:N or mps")
     _check_registry(cfg.mlflow)
     mode = mode_of(cfg.mode)
+    _check_mode(mode, spec, cfg.epochs)
     if mode.pretrained and cfg.model.weights is None:
         raise VisiontuneError(
             f"mode={mode.name} starts from pretrained weights but model.weights is null: "
             f"set model.weights=DEFAULT or a state-dict path, or use mode=scratch"
+        )
+
+
+def _check_mode(mode: Mode, spec: ModelSpec, epochs: int) -> None:
+    if mode.trainable_from not in spec.group_names:
+        raise VisiontuneError(
+            f"mode.trainable_from={mode.trainable_from} is not a layer group of {spec.name}: "
+            f"use one of {', '.join(spec.group_names)} (conf/model/{spec.name}.yaml names them)"
+        )
+    for key in ("freeze_epochs", "unfreeze_every"):
+        _check_number(f"mode.{key}", getattr(mode, key), 1, whole=True, zero=True)
+    if mode.freeze_epochs and mode.train_backbone and mode.freeze_epochs >= epochs:
+        raise VisiontuneError(
+            f"mode.freeze_epochs={mode.freeze_epochs} leaves none of the epochs={epochs} to train the "
+            f"unfrozen model: lower it or raise epochs (mode=feature_extract trains the head alone)"
         )
 
 
@@ -138,7 +192,7 @@ def _check_registry(mlflow_cfg: DictConfig) -> None:
         )
 
 
-def _check_number(key: str, value, example, whole: bool) -> None:
+def _check_number(key: str, value, example, whole: bool, zero: bool = False) -> None:
     if isinstance(value, str):
         raise VisiontuneError(
             f"{key}={value!r} is a string (quoted on the command line?); it must be a number, "
@@ -146,8 +200,9 @@ def _check_number(key: str, value, example, whole: bool) -> None:
         )
     kind = "whole number" if whole else "number"
     valid = int if whole else int | float
-    if not isinstance(value, valid) or isinstance(value, bool) or value <= 0:
-        raise VisiontuneError(f"{key}={value} must be a positive {kind}, e.g. {key}={example}")
+    if not isinstance(value, valid) or isinstance(value, bool) or value < 0 or (value == 0 and not zero):
+        sign = "0 or a positive" if zero else "a positive"
+        raise VisiontuneError(f"{key}={value} must be {sign} {kind}, e.g. {key}={example}")
 
 
 # --- the command line, before Hydra reads it ------------------------------------------------------

@@ -290,7 +290,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 class ImageFiles(Dataset):
-    """(uint8 image tensor, label) pairs decoded from a list of files; None for a skipped file."""
+    """(uint8 image tensor, label) pairs decoded from a list of files; None for a skipped file.
+
+    With `decoded` (from decode_once) the images come from memory: later epochs only crop and flip.
+    """
 
     def __init__(
         self,
@@ -299,6 +302,7 @@ class ImageFiles(Dataset):
         skip_bad: bool = False,
         max_image_pixels: int | None = None,
         seed: int | None = None,
+        decoded: list[torch.Tensor | None] | None = None,
     ):
         self.samples = list(samples)
         # With a seed, each image's random augmentation is drawn from (seed, epoch, index) alone
@@ -307,6 +311,7 @@ class ImageFiles(Dataset):
         self.transform = transform
         self.skip_bad = skip_bad
         self.max_image_pixels = max_image_pixels
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -314,8 +319,19 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         epoch, index = divmod(index, len(self.samples))
         path, label = self.samples[index]
+        pixels = self.decoded[index] if self.decoded is not None else self.read(path)
+        if pixels is None:
+            return None
+        if self.seed is None:
+            return self.transform(pixels), label
+        with torch.random.fork_rng(devices=[]):  # the process's own random stream stays untouched
+            torch.manual_seed(_mix(self.seed, epoch, index))
+            return self.transform(pixels), label
+
+    def read(self, path: str) -> torch.Tensor | None:
+        """The decoded image; None for one that does not decode, where skip_bad allows."""
         try:
-            pixels = decode(path, self.max_image_pixels)
+            return decode(path, self.max_image_pixels)
         except (TooManyPixels, OSError, SyntaxError, ValueError) as err:
             # A header that passed the up-front check can still hide data that does not decode
             # (a truncated file), and files can change between the check and the decode.
@@ -328,11 +344,47 @@ class ImageFiles(Dataset):
                 f"image {path} does not decode ({err}). Replace it, or pass "
                 f"data.skip_bad_images=true to leave such files out."
             ) from err
-        if self.seed is None:
-            return self.transform(pixels), label
-        with torch.random.fork_rng(devices=[]):  # the process's own random stream stays untouched
-            torch.manual_seed(_mix(self.seed, epoch, index))
-            return self.transform(pixels), label
+
+
+# Decoded training images keep their shorter side up to this many times the input size: the
+# random crops are then drawn from nearly the original pixels, and 12-megapixel photos do not
+# fill the memory budget. Smaller images are kept exactly as decoded.
+DECODED_SIDE_FACTOR = 2
+PROJECT_AFTER = 32  # images decoded before their average size predicts the whole split's
+
+
+def decode_once(dataset: ImageFiles, input_size: int, max_bytes: int, threads: int) -> list | None:
+    """Every image of `dataset` decoded (threads: Pillow decodes without the GIL), the shorter
+    side capped at DECODED_SIDE_FACTOR x input_size; None once they would pass max_bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torchvision.transforms.v2 import functional as F
+
+    cap = DECODED_SIDE_FACTOR * input_size
+
+    def load(sample: Sample) -> torch.Tensor | None:
+        pixels = dataset.read(sample[0])
+        if pixels is not None and min(pixels.shape[-2:]) > cap:
+            pixels = F.resize(pixels, cap, antialias=True)
+        return pixels
+
+    decoded, size, total = [], 0, len(dataset.samples)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for pixels in pool.map(load, dataset.samples):
+            size += 0 if pixels is None else pixels.numel()
+            decoded.append(pixels)
+            # Projected from the first images too: a folder far over budget is not decoded half-way.
+            projected = size * total // len(decoded) if len(decoded) >= PROJECT_AFTER else size
+            if max(size, projected) > max_bytes:
+                pool.shutdown(cancel_futures=True)
+                log.info(
+                    "decoded training images would pass the cache budget (data.cache_mb, %d MiB left "
+                    "after validation's): each epoch decodes them again",
+                    max_bytes // 2**20,
+                )
+                return None
+    log.info("training images decoded once: %d MiB kept for later epochs", size // 2**20)
+    return decoded
 
 
 def _mix(*numbers: int) -> int:
@@ -475,6 +527,7 @@ class LoaderSettings:
     # A last training batch smaller than this is left out (a different image each epoch, as the
     # order is shuffled): models whose batch norm sees 1x1 maps crash on a batch of one.
     min_train_batch: int = 1
+    train_cache_bytes: int = 0  # memory for the decoded training images (decode_once); 0: decode each epoch
 
 
 def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) -> dict[str, SkippingLoader]:
@@ -489,6 +542,8 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
         train = split == "train"
         seed = settings.seed if train else None
         dataset = ImageFiles(samples[split], tfms[split], settings.skip_bad, settings.max_image_pixels, seed)
+        if train and settings.train_cache_bytes:  # before the workers start: they share its memory
+            dataset.decoded = decode_once(dataset, settings.input_size, settings.train_cache_bytes, workers)
         loaders[split] = SkippingLoader(
             DataLoader(
                 dataset,

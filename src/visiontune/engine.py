@@ -34,6 +34,19 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
+def make_deterministic(on: bool) -> None:
+    """deterministic=true: torch's deterministic algorithms, an error where an op has none.
+
+    cuBLAS needs its workspace fixed before its first use for that (CUBLAS_WORKSPACE_CONFIG).
+    """
+    import os
+
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False  # its choice of kernels varies from run to run
+    torch.use_deterministic_algorithms(on)
+
+
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -101,6 +114,11 @@ class Training:
     scaler: torch.amp.GradScaler
     runtime: Runtime
     epochs: int
+    scheduler_per_batch: bool = False  # OneCycleLR-like schedules step after every batch
+
+    def learning_rates(self) -> dict[str, float]:
+        """The rate of each layer group the optimiser holds (its parameter groups' `name`)."""
+        return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
 
 
 class _Tally:
@@ -157,6 +175,8 @@ def train_one_epoch(
         training.scaler.scale(loss).backward()
         training.scaler.step(training.optimizer)
         training.scaler.update()
+        if training.scheduler_per_batch:
+            training.scheduler.step()
         tally.add(loss, logits, labels)
     return tally.result(_clock(runtime.device) - start)
 
@@ -305,9 +325,10 @@ class EpochReport:
     epoch: int
     train: PhaseResult
     val: PhaseResult
-    lr: float
+    lrs: dict[str, float]  # each layer group's rate as the epoch began
     seconds: float
     improved: bool
+    trainable: tuple[str, ...] = ()  # the layer groups that trained
 
 
 @dataclass(frozen=True)
@@ -337,26 +358,26 @@ def fit(
 ) -> FitResult:
     """Train and validate each epoch after `progress`; end with the weights of the best val accuracy.
 
-    Where the mode allows it, evaluation caches the backbone's output, up to `cache_bytes`.
+    Each epoch first applies the mode's plan for it (what trains). While the backbone is fixed,
+    it runs apart from the head, and evaluation caches its output, up to `cache_bytes`.
     """
     prepared, module = training.model, training.model.module
-    backbone = FrozenBackbone(module, prepared.spec.head) if prepared.cache_backbone else None
-    cache = BackboneCache(backbone, cache_bytes) if backbone else None
-    # An auxiliary head that trains reads the backbone's middle: such a model trains whole.
-    split = backbone if prepared.spec.aux_head is None else None
     progress = progress or Progress()
+    phases = _Phases(prepared, cache_bytes)
     for epoch in range(progress.epoch + 1, training.epochs + 1):
         tic = time.perf_counter()
-        lr = training.optimizer.param_groups[0]["lr"]
+        prepared.enter_epoch(epoch)
+        split, cache = phases.for_epoch()
+        lrs = training.learning_rates()
         if hasattr(loaders["train"], "set_epoch"):
             loaders["train"].set_epoch(epoch)
         tr = train_one_epoch(training, loaders["train"], desc=f"epoch {epoch} train", frozen=split)
         if tr.first_nonfinite_batch is not None:
-            raise NonFiniteLoss(_divergence(tr, epoch, lr, training.runtime.amp_dtype == torch.float16))
+            raise NonFiniteLoss(_divergence(tr, epoch, lrs, training.runtime.amp_dtype == torch.float16))
         va = evaluate(
             module, loaders["val"], training.criterion, training.runtime, f"epoch {epoch} val", cache=cache
         )
-        if training.scheduler is not None:
+        if training.scheduler is not None and not training.scheduler_per_batch:
             training.scheduler.step()
         improved = va.acc > progress.best_acc
         if improved:
@@ -365,16 +386,39 @@ def fit(
             progress.best_acc, progress.best_epoch = va.acc, epoch
         progress.epoch = epoch
         progress.curve.append(va.acc)
-        report = EpochReport(epoch, tr, va, lr, seconds=time.perf_counter() - tic, improved=improved)
+        seconds = time.perf_counter() - tic
+        report = EpochReport(epoch, tr, va, lrs, seconds, improved, prepared.trainable)
         on_epoch(report, progress)
     module.load_state_dict(progress.best_state)
     return FitResult(progress.best_acc, progress.best_epoch, progress.curve)
 
 
-def _divergence(result: PhaseResult, epoch: int, lr: float, fp16: bool) -> str:
+class _Phases:
+    """The frozen backbone's split and evaluation cache, for the epochs whose backbone is fixed."""
+
+    def __init__(self, prepared: PreparedModel, cache_bytes: int):
+        self.prepared, self.cache_bytes = prepared, cache_bytes
+        self.backbone: FrozenBackbone | None = None
+        self.cache: BackboneCache | None = None
+
+    def for_epoch(self) -> tuple[FrozenBackbone | None, BackboneCache | None]:
+        """(the training split, the evaluation cache) for the epoch entered last; both None once the
+        backbone trains, and the cache dropped then: its features no longer hold."""
+        prepared = self.prepared
+        if not prepared.cache_backbone:
+            self.cache = None
+            return None, None
+        if self.backbone is None:
+            self.backbone = FrozenBackbone(prepared.module, prepared.spec.head)
+            self.cache = BackboneCache(self.backbone, self.cache_bytes)
+        # An auxiliary head that trains reads the backbone's middle: such a model trains whole.
+        return (self.backbone if prepared.spec.aux_head is None else None), self.cache
+
+
+def _divergence(result: PhaseResult, epoch: int, lrs: dict[str, float], fp16: bool) -> str:
     # Under autocast the loss itself is float32: a non-finite one means the forward pass
     # overflowed or the weights diverged, which the gradient scaler cannot undo.
-    advice = f"lower optimizer.lr (it is {lr:g})" + (
+    advice = f"lower optimizer.lr (it is {max(lrs.values()):g})" + (
         ", or use precision=off (float16 overflowed)" if fp16 else ""
     )
     where = f"first at batch {result.first_nonfinite_batch} of {result.batches}"

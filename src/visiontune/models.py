@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision import models as tv_models
 
 from visiontune import VisiontuneError
-from visiontune.config import Mode, ModelSpec
+from visiontune.config import HEAD_GROUP, Mode, ModelSpec
 
 IMAGENET_CLASSES = 1000
 
@@ -49,16 +49,54 @@ def resolve_weights(arch: str, value: str | None, launch_dir: Path) -> Weights |
     return Weights(arch, str((launch_dir / value).resolve()), kind="file")
 
 
-@dataclass(frozen=True)
+@dataclass
 class PreparedModel:
-    """A model as its mode wants it, with what the engine must know to train and evaluate it."""
+    """A model as its mode wants it, with what the engine must know to train and evaluate it.
+
+    What trains may change between epochs (mode=staged): `enter_epoch` applies the mode's
+    plan for an epoch, and the fields below it describe the epoch being trained.
+    """
 
     module: nn.Module
     spec: ModelSpec
+    mode: Mode
     weights: Weights | None
-    frozen_norms: tuple[nn.Module, ...]  # norm layers kept in eval mode while the rest trains
+    groups: dict[str, tuple[nn.Parameter, ...]]  # layer group name -> its parameters, input first
+    trainable: tuple[str, ...] = ()  # the groups training in this epoch
+    frozen_norms: tuple[nn.Module, ...] = ()  # norm layers kept in eval mode while the rest trains
     # The backbone is a fixed function (frozen, in eval mode): evaluation may cache its output.
-    cache_backbone: bool
+    cache_backbone: bool = False
+
+    def enter_epoch(self, epoch: int) -> bool:
+        """Set what trains in `epoch` (1-based); True where that changed."""
+        trainable = self.mode.trainable_groups(epoch, tuple(self.groups))
+        if trainable == self.trainable:
+            return False
+        self.trainable = trainable
+        for name, params in self.groups.items():
+            for param in params:
+                param.requires_grad_(name in trainable)
+        frozen = [p for name, params in self.groups.items() if name not in trainable for p in params]
+        self.frozen_norms = _norms_of(self.module, frozen) if self.mode.freeze_norm_stats else ()
+        self.cache_backbone = trainable == (HEAD_GROUP,) and self.mode.freeze_norm_stats
+        return True
+
+    def unfreezes_at(self, epoch: int) -> bool:
+        """Whether `epoch` trains more layer groups than the epoch before it."""
+        names = tuple(self.groups)
+        return epoch > 1 and self.mode.trainable_groups(epoch - 1, names) != self.mode.trainable_groups(
+            epoch, names
+        )
+
+    @property
+    def has_frozen_backbone(self) -> bool:
+        """Whether some epoch trains the head above a fixed backbone (feature_extract, staged)."""
+        return self.mode.freeze_norm_stats and (self.mode.freeze_epochs > 0 or not self.mode.train_backbone)
+
+    @property
+    def fixed_backbone(self) -> bool:
+        """Whether the backbone is a fixed function in every epoch (feature_extract)."""
+        return self.mode.freeze_norm_stats and not self.mode.train_backbone
 
     def train_mode(self) -> None:
         """module.train(), except that frozen norm layers keep their running statistics."""
@@ -73,17 +111,47 @@ class PreparedModel:
 
 
 def prepare(spec: ModelSpec, mode: Mode, num_classes: int, weights: Weights | None) -> PreparedModel:
-    """The one place a mode's flags are read: weights, heads, what trains, what stays frozen."""
+    """The one place a mode is applied: weights, heads, and what trains in the first epoch."""
     module = build_model(spec, num_classes, weights if mode.pretrained else None)
-    frozen_norms: tuple[nn.Module, ...] = ()
-    if not mode.train_backbone:
-        frozen_norms = freeze_backbone(module, spec.heads, mode.freeze_norm_stats)
-    return PreparedModel(
-        module,
-        spec,
-        weights if mode.pretrained else None,
-        frozen_norms,
-        cache_backbone=not mode.train_backbone and mode.freeze_norm_stats,
+    weights = weights if mode.pretrained else None
+    prepared = PreparedModel(module, spec, mode, weights, layer_groups(module, spec))
+    prepared.enter_epoch(1)
+    return prepared
+
+
+def layer_groups(module: nn.Module, spec: ModelSpec) -> dict[str, tuple[nn.Parameter, ...]]:
+    """spec's layer groups as parameters, input first: each parameter in the group of the longest
+    module path containing it (AuxLogits is in a middle group, its head AuxLogits.fc in `head`)."""
+    owner = {path: name for name, paths in spec.layer_groups.items() for path in paths}
+    owner |= {path: HEAD_GROUP for path in spec.heads}
+    for path in owner:
+        try:
+            module.get_submodule(path)
+        except AttributeError:
+            raise VisiontuneError(
+                f"conf/model/{spec.name}.yaml: {spec.arch} has no module {path!r} for its layer groups"
+            ) from None
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name in spec.group_names}
+    for name, param in module.named_parameters():
+        paths = [p for p in owner if name.startswith(f"{p}.")]
+        if not paths:
+            raise VisiontuneError(
+                f"conf/model/{spec.name}.yaml: parameter {name} of {spec.arch} is in no layer group; "
+                f"add its module to one of layer_groups"
+            )
+        groups[owner[max(paths, key=len)]].append(param)
+    return {name: tuple(params) for name, params in groups.items()}
+
+
+def _norms_of(module: nn.Module, params: list[nn.Parameter]) -> tuple[nn.Module, ...]:
+    """The norm layers whose parameters are all among `params`."""
+    ids = {id(p) for p in params}
+    return tuple(
+        m
+        for m in module.modules()
+        if isinstance(m, _BatchNorm)
+        and (own := list(m.parameters(recurse=False)))
+        and all(id(p) in ids for p in own)
     )
 
 
@@ -192,19 +260,3 @@ def replace_head(model: nn.Module, path: str, num_classes: int) -> None:
         )
     parent_path, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent_path), name, new)
-
-
-def freeze_backbone(
-    model: nn.Module, heads: tuple[str, ...], freeze_norm_stats: bool
-) -> tuple[nn.Module, ...]:
-    """Train only the heads. Returns the norm layers that must stay in eval mode."""
-    model.requires_grad_(False)
-    for path in heads:
-        model.get_submodule(path).requires_grad_(True)
-    if not freeze_norm_stats:
-        return ()
-    return tuple(
-        m
-        for m in model.modules()
-        if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters())
-    )

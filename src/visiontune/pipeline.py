@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from visiontune import (
@@ -26,12 +25,13 @@ from visiontune import (
     data,
     engine,
     models,
+    optim,
     redact,
     report,
     store,
     sweep,
 )
-from visiontune.config import Mode
+from visiontune.config import HEAD_GROUP, Mode
 
 log = logging.getLogger("visiontune")
 
@@ -116,18 +116,20 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
             record_start(cfg, job, continued, mode)
             device = engine.pick_device(str(cfg.device))
             checked = check_data(cfg.data, job.launch_dir)
+            engine.make_deterministic(cfg.deterministic)
             torch.manual_seed(cfg.seed)
             weights = models.resolve_weights(spec.arch, cfg.model.weights, job.launch_dir)
             prepared = models.prepare(spec, mode, len(checked.classes), weights)
-            if continued is None:  # a continued run keeps the params and inputs it started with
-                store.log_params(run_params(cfg, checked, prepared, device))
-                store.log_datasets(checked.root, checked.classes, checked.samples)
             announce(prepared, mode, checked, device)
             loaders = build_loaders(cfg, checked, prepared, device)
-            training = build_training(cfg, prepared, device)
+            training = build_training(cfg, prepared, device, steps_per_epoch=len(loaders["train"]))
+            if continued is None:  # a continued run keeps the params and inputs it started with
+                digests = store.log_datasets(checked.root, checked.classes, checked.samples)
+                store.log_params(run_params(cfg, checked, prepared, device) | digests)
+                store.log_params(provenance(job.launch_dir, prepared.weights))
             progress = resume_progress(saved, training, run_id)
             on_epoch = EpochRecorder(cfg, job.output_dir / "checkpoints", training, run_id, saved)
-            result = engine.fit(training, loaders, cfg.data.val_cache_mb * 2**20, on_epoch, progress)
+            result = engine.fit(training, loaders, cfg.data.cache_mb * 2**20, on_epoch, progress)
             store.log_metrics({"skipped_images": skipped_images(checked, loaders)})
             record(result, label)
             if cfg.mlflow.log_model:
@@ -222,24 +224,69 @@ def check_data(data_cfg: DictConfig, launch_dir: Path) -> data.CheckedData:
 
 
 def run_params(cfg: DictConfig, checked: data.CheckedData, prepared: models.PreparedModel, device) -> dict:
-    """The resolved config, flattened, plus the facts the run found out."""
+    """The resolved config, flattened, plus the facts the run found out (each layer group's rate)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("mlflow")
     trainable, total = prepared.parameter_counts()
-    return store.flatten(resolved) | {
-        "optimizer.name": cfg.optimizer._target_.rsplit(".", 1)[-1].lower(),
-        "scheduler.name": cfg.scheduler._target_.rsplit(".", 1)[-1] if cfg.scheduler else "none",
-        "data.root": str(checked.root),
-        "model.weights": str(prepared.weights),
-        "num_classes": len(checked.classes),
-        "classes": ",".join(checked.classes),
-        "train_images": len(checked.samples["train"]),
-        "val_images": len(checked.samples["val"]),
-        "skipped_images": checked.skipped,
-        "trainable_params": trainable,
-        "total_params": total,
-        "device_used": str(device),
-    }
+    rates = optim.group_rates(prepared, cfg.optimizer.lr, cfg.optimizer.get("lr_decay", 1.0))
+    return (
+        store.flatten(resolved)
+        | optim.rate_params(rates)
+        | {
+            "optimizer.name": cfg.optimizer._target_.rsplit(".", 1)[-1].lower(),
+            "scheduler.name": cfg.scheduler._target_.rsplit(".", 1)[-1] if cfg.scheduler else "none",
+            "data.root": str(checked.root),
+            "model.weights": str(prepared.weights),
+            "num_classes": len(checked.classes),
+            "classes": ",".join(checked.classes),
+            "train_images": len(checked.samples["train"]),
+            "val_images": len(checked.samples["val"]),
+            "skipped_images": checked.skipped,
+            "trainable_params": trainable,
+            "total_params": total,
+            "device_used": str(device),
+        }
+    )
+
+
+def provenance(launch_dir: Path, weights: models.Weights | None) -> dict[str, str]:
+    """What repeating this run needs besides its config: package versions, the launch folder's
+    git commit (and whether files differed from it), the weights file's content."""
+    from importlib.metadata import version
+
+    facts = {f"version.{name}": version(name) for name in ("visiontune", "torch", "torchvision", "mlflow")}
+    facts |= git_state(launch_dir)
+    if weights is not None and weights.kind == "file":
+        facts["model.weights_sha256"] = file_sha256(Path(weights.name))
+    return facts
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_state(folder: Path) -> dict[str, str]:
+    """{git.commit, git.dirty} of the repository holding `folder`; {} outside one or without git."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
+        if done.returncode:
+            raise OSError(done.stderr)
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
 def announce(prepared: models.PreparedModel, mode: Mode, checked: data.CheckedData, device) -> None:
@@ -259,9 +306,15 @@ def worker_count(requested) -> int:
 
 
 def build_loaders(cfg: DictConfig, checked: data.CheckedData, prepared: models.PreparedModel, device) -> dict:
-    """Train and val loaders; the decoded val images kept after the first epoch where they fit."""
+    """Train and val loaders, with what data.cache_mb holds between epochs: first the val split
+    (its decoded images, or a frozen backbone's outputs for it), then the decoded training images."""
+    budget = cfg.data.cache_mb * 2**20
+    input_size = cfg.model.input_size
+    val_bytes = data.replay_bytes(len(checked.samples["val"]), input_size)
+    # A cached backbone output already spares the val images' decoding after the first epoch.
+    replay_val = not prepared.fixed_backbone and val_bytes <= budget
     settings = data.LoaderSettings(
-        input_size=cfg.model.input_size,
+        input_size=input_size,
         batch_size=cfg.batch_size,
         num_workers=worker_count(cfg.num_workers),
         seed=cfg.seed,
@@ -269,45 +322,44 @@ def build_loaders(cfg: DictConfig, checked: data.CheckedData, prepared: models.P
         skip_bad=cfg.data.skip_bad_images,
         max_image_pixels=cfg.data.get("max_image_pixels"),
         min_train_batch=prepared.spec.min_batch_size,
+        train_cache_bytes=max(0, budget - min(val_bytes, budget)),
     )
     loaders = data.build_loaders(checked.samples, settings)
-    # A cached backbone output already spares the val images' decoding after the first epoch.
-    fits = (
-        data.replay_bytes(len(checked.samples["val"]), settings.input_size) <= cfg.data.val_cache_mb * 2**20
-    )
-    if not prepared.cache_backbone and fits:
+    if replay_val:
         loaders["val"] = data.ReplayLoader(loaders["val"])
     return loaders
 
 
-def build_training(cfg: DictConfig, prepared: models.PreparedModel, device) -> engine.Training:
+def build_training(
+    cfg: DictConfig, prepared: models.PreparedModel, device, steps_per_epoch: int
+) -> engine.Training:
     """Loss, optimiser, schedule, precision and memory layout around the prepared model."""
     amp_dtype, frozen_amp_dtype = engine.precision_for(str(cfg.precision), device)
     # auto: NHWC wherever bf16 runs, whose fast convolutions want it (x1.8 on a CPU's frozen
     # squeezenet pass); float32 convolutions measured the same either way.
     channels_last = cfg.channels_last
     if channels_last == "auto":
-        frozen_pass = frozen_amp_dtype if prepared.cache_backbone else None  # only feature_extract has one
+        frozen_pass = frozen_amp_dtype if prepared.has_frozen_backbone else None  # feature_extract, staged
         channels_last = (amp_dtype or frozen_pass) == torch.bfloat16
     layout = torch.channels_last if channels_last else torch.preserve_format
     if cfg.precision == "auto" or cfg.channels_last == "auto":
         name = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-        frozen = f", frozen backbone {name[frozen_amp_dtype]}" if prepared.cache_backbone else ""
+        frozen = f", frozen backbone {name[frozen_amp_dtype]}" if prepared.has_frozen_backbone else ""
         log.info("precision: training %s%s; channels_last %s", name[amp_dtype], frozen, channels_last)
     prepared.module.to(device, memory_format=layout)
-    optimizer = instantiate(cfg.optimizer)(
-        params=[p for p in prepared.module.parameters() if p.requires_grad]
-    )
+    optimizer = optim.build_optimizer(cfg.optimizer, prepared)
+    scheduler, per_batch = optim.build_scheduler(cfg.scheduler, optimizer, cfg.epochs, steps_per_epoch)
     return engine.Training(
         model=prepared,
-        criterion=torch.nn.CrossEntropyLoss(),
+        criterion=torch.nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing),
         optimizer=optimizer,
-        scheduler=instantiate(cfg.scheduler)(optimizer=optimizer) if cfg.scheduler else None,
+        scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         runtime=engine.Runtime(
             device, data.Normalizer(device), amp_dtype, channels_last, frozen_amp_dtype=frozen_amp_dtype
         ),
         epochs=cfg.epochs,
+        scheduler_per_batch=per_batch,
     )
 
 
@@ -330,7 +382,12 @@ class EpochRecorder:
 
     def __call__(self, r: engine.EpochReport, progress: engine.Progress) -> None:
         metrics = {"train_loss": r.train.loss, "train_acc": r.train.acc, "val_loss": r.val.loss}
-        metrics |= {"val_acc": r.val.acc, "epoch_seconds": r.seconds, "lr": r.lr}
+        metrics |= {"val_acc": r.val.acc, "epoch_seconds": r.seconds, "lr": r.lrs[HEAD_GROUP]}
+        if len(r.lrs) > 1:  # layer-wise rates, and how many groups trained (staged unfreezing)
+            metrics |= {f"lr_{name}": lr for name, lr in r.lrs.items() if name != HEAD_GROUP}
+            metrics["trainable_groups"] = len(r.trainable)
+        if self.training.model.unfreezes_at(r.epoch):
+            log.info("epoch %d: unfrozen, training %s", r.epoch, ", ".join(r.trainable))
         self.metrics.append(metrics)
         epochs = self.training.epochs
         if self.every and (r.epoch % self.every == 0 or r.epoch == epochs):

@@ -355,15 +355,18 @@ def log_params(params: Mapping[str, object]) -> None:
         mlflow.log_params({key: shorten(value) for key, value in params.items()})
 
 
-def log_datasets(root: Path, classes: list[str], samples: Mapping[str, list[tuple[str, int]]]) -> None:
+def log_datasets(
+    root: Path, classes: list[str], samples: Mapping[str, list[tuple[str, int]]]
+) -> dict[str, str]:
     """Each split as an MLflow dataset input of the active run (the UI's Datasets column), so runs
     on different data are told apart: its source folder and a digest of every file's path, class
-    and size (a changed, added or removed image changes it)."""
+    and size (a changed, added or removed image changes it). Returns {data.<split>_digest: digest}."""
     import hashlib
 
     import pandas as pd
     from mlflow.data.sources import LocalArtifactDatasetSource
 
+    digests = {}
     for split, context in (("train", "training"), ("val", "validation")):
         files = samples[split]
         table = pd.DataFrame(
@@ -374,6 +377,7 @@ def log_datasets(root: Path, classes: list[str], samples: Mapping[str, list[tupl
             }
         )
         digest = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()[:16]
+        digests[f"data.{split}_digest"] = digest
         source = LocalArtifactDatasetSource(str(root / split))  # named: a bare path resolves two ways
         dataset = mlflow.data.from_pandas(
             table, source=source, targets="class", name=f"{root.name}/{split}", digest=digest
@@ -382,6 +386,7 @@ def log_datasets(root: Path, classes: list[str], samples: Mapping[str, list[tupl
         with _writing(f"record the {split} split"), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             _log_input(dataset, context)
+    return digests
 
 
 def _log_input(dataset, context: str) -> None:

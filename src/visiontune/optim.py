@@ -1,0 +1,97 @@
+"""The optimiser and schedule of a run: one parameter group per layer group, each at its own rate.
+
+`optimizer.lr` is the head's rate; `optimizer.lr_decay` scales each earlier group's by one more
+factor (fastai's discriminative rates, geometric from the head down). Norm and bias parameters
+can go without weight decay. A schedule says whether it steps per epoch or per batch
+(`scheduler.interval`), and the per-batch ones (one-cycle) learn the run's number of steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from visiontune.models import PreparedModel
+
+# Keys of the optimizer and scheduler groups that visiontune reads, not the torch class.
+OPTIMIZER_KEYS = ("lr_decay", "decay_norm_and_bias")
+SCHEDULER_KEYS = ("interval",)
+
+
+def group_rates(prepared: PreparedModel, lr: float, lr_decay: float) -> dict[str, float]:
+    """Each layer group that trains in some epoch, with its rate: lr at the head, times lr_decay
+    once more for each group below it."""
+    names = tuple(prepared.groups)
+    names = names[names.index(prepared.mode.trainable_from) :]  # all that train once fully unfrozen
+    return {name: lr * lr_decay ** (len(names) - 1 - i) for i, name in enumerate(names)}
+
+
+def build_optimizer(optimizer_cfg: DictConfig, prepared: PreparedModel) -> torch.optim.Optimizer:
+    """The configured torch optimiser over every group that ever trains, each at its own rate.
+
+    Groups still frozen are in it from the start (their gradients are None until they unfreeze,
+    which every torch optimiser skips), so a staged run keeps one optimiser and one schedule.
+    """
+    settings = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    lr_decay = settings.pop("lr_decay", 1.0)
+    decay_all = settings.pop("decay_norm_and_bias", True)
+    param_groups = []
+    for name, lr in group_rates(prepared, settings["lr"], lr_decay).items():
+        params = prepared.groups[name]
+        # Norm weights and biases are 1-d: decaying them pulls scales and offsets to 0 for no gain.
+        kept = [p for p in params if decay_all or p.ndim > 1]
+        spared = [p for p in params if not (decay_all or p.ndim > 1)]
+        param_groups.append({"params": kept, "lr": lr, "name": name})
+        if spared:
+            param_groups.append({"params": spared, "lr": lr, "name": name, "weight_decay": 0.0})
+    del settings["lr"]
+    return instantiate(settings)(params=[g for g in param_groups if g["params"]])
+
+
+def build_scheduler(
+    scheduler_cfg: DictConfig | None, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int
+) -> tuple[torch.optim.lr_scheduler.LRScheduler | None, bool]:
+    """(the schedule, whether it steps after every batch); (None, False) for scheduler=none."""
+    if not scheduler_cfg:
+        return None, False
+    settings = OmegaConf.to_container(scheduler_cfg, resolve=True)
+    per_batch = settings.pop("interval", "epoch") == "batch"
+    extra = {"total_steps": epochs * steps_per_epoch} if per_batch else {}
+    return instantiate(settings)(optimizer=optimizer, **extra), per_batch
+
+
+def one_cycle(
+    optimizer: torch.optim.Optimizer, total_steps: int, **settings
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """torch's OneCycleLR peaking at each group's own rate (so layer-wise rates keep their spread);
+    `settings` (pct_start, div_factor, ...) as conf/scheduler/onecycle.yaml gives them."""
+    max_lr = [group["lr"] for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps, **settings)
+
+
+def cosine(
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    warmup_epochs: int = 0,
+    warmup_start_factor: float = 0.1,
+    final_factor: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay from each group's rate to final_factor times it, after an optional linear
+    warm-up from warmup_start_factor times it; stepped once per epoch."""
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return warmup_start_factor + (1 - warmup_start_factor) * epoch / warmup_epochs
+        progress = (epoch - warmup_epochs) / max(1, epochs - warmup_epochs)
+        return final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rate_params(rates: Mapping[str, float]) -> dict[str, float]:
+    """Each group's rate, as run params: lr.head, lr.late, ... (0.001 * 0.3**3 reads 2.7e-05)."""
+    return {f"lr.{name}": float(f"{rate:.6g}") for name, rate in rates.items()}
