@@ -26,6 +26,11 @@ log = logging.getLogger("visiontune")
 PLUGIN_OPTIONS = (
     ("search=optuna", "hydra_plugins.hydra_optuna_sweeper", "visiontune[optuna]"),
     ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "visiontune[optuna]"),
+    *(
+        (f"hydra/launcher={name}", "hydra_plugins.hydra_submitit_launcher", "visiontune[slurm]")
+        # the plugin's two launchers, and visiontune's presets over them (conf/hydra/launcher)
+        for name in ("submitit_slurm", "submitit_local", "slurm", "local")
+    ),
 )
 
 
@@ -37,7 +42,10 @@ def main(cfg: DictConfig) -> float | None:
     if multirun:  # jobs of a parallel sweep share one console
         _prefix_console(f"#{hydra.job.num} ")
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        if SUBMITIT_JOB in os.environ:
+            _end_killed_on_requeue()
+        else:
+            signal.signal(signal.SIGTERM, _terminate)
     try:
         if not multirun:  # a bad value is refused before any run is recorded (a sweep's job records it)
             config.check_values(cfg)
@@ -49,6 +57,9 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:  # the sweep goes on; the job's MLflow run is already FAILED
             return None
         raise SystemExit(1) from None
+    except Requeued as requeued:
+        log.warning("requeued (preempted or out of time): the job continues this MLflow run when it restarts")
+        raise SystemExit(requeued.code) from None  # the exit code submitit chose (local: "requeue me")
     except KeyboardInterrupt as err:
         stopped = isinstance(err, Terminated)
         log.error("%s: the MLflow run is marked KILLED", "terminated" if stopped else "interrupted")
@@ -66,6 +77,46 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame) -> None:
     raise Terminated
+
+
+# Set by submitit in every process it starts for a job, on SLURM (submitit_slurm) or here (submitit_local).
+SUBMITIT_JOB = "SUBMITIT_EXECUTOR"
+
+
+class Requeued(KeyboardInterrupt):
+    """submitit requeued this job (preemption, time-out) and ends its process: the run is KILLED, not
+    FAILED, and the job's next start continues it (pipeline.find_earlier)."""
+
+    def __init__(self, code) -> None:
+        super().__init__()
+        self.code = code
+
+
+def _end_killed_on_requeue() -> None:
+    """Leave submitit's signal handlers in place, with its requeue ending the MLflow run KILLED.
+
+    submitit ignores SIGTERM (SLURM sends it before a preemption's USR2, and a job that stopped then
+    would never be requeued) and, on USR2, checkpoints and requeues the job, then exits through
+    SystemExit, which a run would record as FAILED. Its exit code is kept: 144 makes
+    submitit_local start the job again.
+    """
+    from submitit import JobEnvironment
+
+    from visiontune import store
+
+    number = getattr(signal, f"SIG{JobEnvironment.USR_SIG}")  # USR2 unless $SUBMITIT_PREEMPT_SIGNAL
+    requeue = signal.getsignal(number)
+    if not callable(requeue):
+        return
+
+    def requeued(signum, frame) -> None:
+        try:
+            requeue(signum, frame)
+        except SystemExit as leaving:
+            raise Requeued(leaving.code) from None
+
+    signal.signal(number, requeued)
+    store.hold_during_writes(number)  # never in the middle of a write to the store
 
 
 def cli() -> None:

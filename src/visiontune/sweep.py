@@ -165,6 +165,8 @@ class MlflowSweep(Callback):
         log.info(
             "MLflow parent run %s for this sweep (varies %s)", self.parent.run_id, ", ".join(varied) or "-"
         )
+        for note in launcher_notes(config.hydra.launcher, sweep_dir):
+            log.info("%s", note)
 
     def _summarise(self) -> tuple[list[str], int]:
         """Leaderboard, figure and best child on the parent, which ends FINISHED; (failed jobs, jobs)."""
@@ -218,6 +220,30 @@ class MlflowSweep(Callback):
             self._closed()
         except Exception as err:
             print(f"error: cannot end the sweep's MLflow parent run: {_message(err)}", file=sys.stderr)
+
+
+def launcher_notes(launcher: DictConfig, sweep_dir: Path) -> list[str]:
+    """What a sweep under Hydra's submitit launcher should say before its jobs start: where their
+    output goes (not to this console), and GPUs that submitit_local would hide from them."""
+    target = str(launcher.get("_target_", ""))
+    if "hydra_submitit_launcher" not in target:
+        return []
+    folder = str(launcher.submitit_folder).replace("%j", "<job id>")
+    notes = [
+        f"each job's console goes to {folder}/<job id>_0_log.err, its log to {sweep_dir}/<job number>/"
+        f"train.log; this console shows the leaderboard when all have ended"
+    ]
+    if target.endswith("LocalLauncher") and not launcher.get("gpus_per_node") and _has_nvidia_gpus():
+        notes.append(
+            "submitit_local hides this machine's GPUs from its jobs, which train on the CPU: add "
+            "hydra.launcher.gpus_per_node=1 (hydra/launcher=local does)"
+        )
+    return notes
+
+
+def _has_nvidia_gpus() -> bool:
+    gpus = Path("/proc/driver/nvidia/gpus")  # the driver lists them whatever CUDA_VISIBLE_DEVICES says
+    return gpus.is_dir() and any(gpus.iterdir())
 
 
 def _summary(rows: list[dict]) -> tuple[dict[str, str], dict[str, float]]:
