@@ -108,8 +108,11 @@ def check_server(uri: str) -> None:
     import requests
 
     try:
-        # Any answer will do (a 401 from a server that wants a login too): it is there.
-        requests.get(f"{uri.rstrip('/')}/health", timeout=SERVER_PROBE_SECONDS)
+        # An API call, not /health: MLflow 3 checks the Host header on its API only. Any other
+        # answer will do (a 401 from a server that wants a login): the server is there.
+        answer = requests.get(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1", timeout=SERVER_PROBE_SECONDS
+        )
     except requests.exceptions.SSLError:
         return  # it answered; MLflow reports its certificate in its own words
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as err:
@@ -118,6 +121,13 @@ def check_server(uri: str) -> None:
             f'(README, "A shared MLflow server") or point the tracking URI at one that runs '
             f"(mlflow.tracking_uri=, --tracking-uri or $MLFLOW_TRACKING_URI)"
         ) from None
+    if answer.status_code == 403 and "Host header" in answer.text:
+        parts = urllib.parse.urlsplit(uri)
+        raise StoreError(
+            f"the MLflow server {redact(uri)} refuses requests addressed to {parts.netloc} (MLflow 3 "
+            f"accepts only localhost and private IP addresses unless told): start it with "
+            f"--allowed-hosts {parts.hostname},{parts.netloc}"
+        )
 
 
 def _connection_fault(err: BaseException) -> str:
