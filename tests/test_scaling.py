@@ -6,6 +6,7 @@ submitit_slurm, with local processes. The server is a real `mlflow server` on 12
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -140,6 +141,60 @@ def test_a_preempted_submitit_job_is_requeued_and_continues_its_own_mlflow_run(t
         )
     ]
     assert sorted(steps) == list(range(1, epochs + 1)), "every epoch logged once, across both processes"
+
+
+def _job_process(launch_dir: Path, number: int) -> int:
+    """The pid of sweep job `number` under submitit_local, once it has logged: its console's
+    folder is named after its controller's pid, and the job is that controller's child."""
+    (log,) = [
+        log
+        for log in (launch_dir / "outputs" / "multirun").glob("*/*/.submitit/*/*_0_log.err")
+        if f"#{number} [" in log.read_text()
+    ]
+    controller = int(log.parent.name)
+    (job,) = [pid for pid, cmd in _descendants(controller) if "submitit.core._submit" in cmd]
+    return job
+
+
+@pytest.mark.slow  # 30 s: a killed job, the other one stopped by the test
+def test_a_killed_submitit_job_stops_the_wait_in_one_line_and_leaves_running_jobs_alone(
+    tmp_path, tiny_folder
+):
+    fast = [o for o in FAST if not o.startswith("epochs=")]
+    args = ["-m", "seed=1,2", *data_args(tiny_folder), *fast, "epochs=500", "mlflow.log_model=false"]
+    # To a file: the job left running holds what submitit_local's processes inherited (a pipe's end).
+    console = open(tmp_path / "console.txt", "w")  # noqa: SIM115
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "visiontune.cli", *args, "hydra/launcher=submitit_local"],
+        **{"cwd": tmp_path, "env": cli_env(tmp_path), "stdout": console, "stderr": console},
+    )
+    jobs = []
+    try:
+        deadline = time.monotonic() + 120
+        while not has_metric(tmp_path / "outputs" / "mlflow.db", "val_acc"):
+            assert time.monotonic() < deadline and launcher.poll() is None, "no epoch logged"
+            time.sleep(0.05)
+        below = _descendants(launcher.pid)
+        jobs = [pid for pid, cmd in below if "submitit" in cmd]  # controllers and their jobs
+        # Job #0's process: Hydra's launcher waits for the jobs in their order.
+        os.kill(_job_process(tmp_path, 0), signal.SIGKILL)  # as an OOM kill, or scancel's last word
+        launcher.wait(timeout=120)
+    finally:
+        launcher.kill()
+        console.close()
+        for pid in jobs:  # the job still training: submitit ignores SIGTERM in it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    stderr = (tmp_path / "console.txt").read_text()
+    assert launcher.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "ended without a result" in errors[0] and "resume=last" in errors[0], errors
+    parent, children = sweep_runs(tmp_path / "outputs" / "mlflow.db")
+    assert parent.info.status == "FAILED" and parent.info.run_id in errors[0]
+    assert [c.info.status for c in children] == ["RUNNING", "RUNNING"], (
+        "a job elsewhere may still be training"
+    )
 
 
 def test_a_requeued_sweep_job_counts_as_started_before(tmp_path, monkeypatch):

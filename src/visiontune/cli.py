@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -147,6 +148,14 @@ WORKER_DIED = (
 )
 
 
+SUBMITIT_JOB_LOST = (
+    "submitit job {job} ended without a result (killed, cancelled, out of memory, or out of time more "
+    "often than hydra.launcher.max_num_timeout): Hydra's launcher stops waiting there, while the jobs "
+    "still running go on and record their runs. When they have ended, run the same command with "
+    "resume=last to train what is left"
+)
+
+
 def _sweep() -> None:
     """main() for a multirun, with a launcher's failure reported in one line.
 
@@ -168,6 +177,17 @@ def _sweep() -> None:
 
         if not sweep.abandon_open_sweeps(WORKER_DIED):
             sys.exit(f"error: {WORKER_DIED}")
+        sys.exit(1)
+    except Exception as err:
+        if not type(err).__module__.startswith("submitit."):  # UncompletedJobError, FailedJobError
+            raise
+        from visiontune import sweep
+
+        job = re.match(r"Job (\S+)", str(err))
+        reason = SUBMITIT_JOB_LOST.format(job=job.group(1) if job else "?")
+        # Its siblings may still be training (on SLURM they are jobs of their own): their runs stay open.
+        if not sweep.abandon_open_sweeps(reason, close_children=False):
+            sys.exit(f"error: {reason}")
         sys.exit(1)
 
 

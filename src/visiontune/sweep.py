@@ -93,11 +93,14 @@ def check_sweeper(sweeper: DictConfig) -> None:
 _OPEN: list[MlflowSweep] = []
 
 
-def abandon_open_sweeps(reason: str) -> bool:
-    """End every open sweep's parent FAILED with `reason`, one line each; whether there was one."""
+def abandon_open_sweeps(reason: str, close_children: bool = True) -> bool:
+    """End every open sweep's parent FAILED with `reason`, one line each; whether there was one.
+
+    `close_children=False` leaves its children RUNNING: jobs that still run elsewhere end their own.
+    """
     ended = bool(_OPEN)
     for callback in list(_OPEN):
-        callback._end_abandoned(reason)
+        callback._end_abandoned(reason, close_children)
     return ended
 
 
@@ -205,13 +208,16 @@ class MlflowSweep(Callback):
         self.interrupted = True
         signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as without us
 
-    def _end_abandoned(self, reason: str = "the sweep stopped before its end") -> None:
+    def _end_abandoned(
+        self, reason: str = "the sweep stopped before its end", close_children: bool = True
+    ) -> None:
         """End a parent (and children) left RUNNING: KILLED after Ctrl-C, else FAILED. Never raises."""
         if self.parent is None:
             return
         status = "KILLED" if self.interrupted else "FAILED"
         try:
-            self.parent.close_orphans(status)
+            if close_children:
+                self.parent.close_orphans(status)
             if status == "FAILED":
                 print(
                     f"error: {reason}; its MLflow parent run {self.parent.run_id} is FAILED", file=sys.stderr
