@@ -72,6 +72,21 @@ def test_a_missing_submitit_plugin_is_one_line_naming_the_extra(monkeypatch, cap
     )
 
 
+def test_a_slurm_sweep_where_there_is_no_slurm_stops_before_anything_is_recorded(tmp_path, monkeypatch):
+    import shutil
+
+    from visiontune import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(sys, "argv", ["visiontune-train", "-m", "hydra/launcher=slurm", "seed=1,2"])
+    with pytest.raises(SystemExit) as stopped:
+        cli.cli()
+    assert "hydra/launcher=slurm submits each job with SLURM's sbatch" in str(stopped.value.code)
+    assert "hydra/launcher=local" in str(stopped.value.code), "says how to try it here"
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_a_submitit_local_sweep_is_one_parent_with_finished_children(tmp_path, tiny_folder):
     args = ["-m", "seed=1,2", *data_args(tiny_folder), *FAST, "mlflow.log_model=false"]
     result = run_cli(tmp_path, *args, "hydra/launcher=submitit_local", timeout=300)

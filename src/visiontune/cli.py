@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -131,6 +132,12 @@ def cli() -> None:
     for option, module, extra in PLUGIN_OPTIONS:
         if option in sys.argv[1:] and importlib.util.find_spec(module) is None:
             sys.exit(f'error: {option} needs a Hydra plugin that is not installed: pip install "{extra}"')
+    slurm = [o for o in ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm") if o in sys.argv[1:]]
+    if slurm and shutil.which("sbatch") is None:  # submitit would fail only after the parent run exists
+        sys.exit(
+            f"error: {slurm[0]} submits each job with SLURM's sbatch, which this machine does not have: "
+            f"launch from a login node of the cluster, or try the sweep here with hydra/launcher=local"
+        )
     try:
         config.check_command_line(sys.argv[1:])
     except VisiontuneError as err:

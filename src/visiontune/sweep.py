@@ -168,7 +168,7 @@ class MlflowSweep(Callback):
         log.info(
             "MLflow parent run %s for this sweep (varies %s)", self.parent.run_id, ", ".join(varied) or "-"
         )
-        for note in launcher_notes(config.hydra.launcher, sweep_dir):
+        for note in launcher_notes(config.hydra.launcher, launch_dir, sweep_dir):
             log.info("%s", note)
 
     def _summarise(self) -> tuple[list[str], int]:
@@ -228,13 +228,13 @@ class MlflowSweep(Callback):
             print(f"error: cannot end the sweep's MLflow parent run: {_message(err)}", file=sys.stderr)
 
 
-def launcher_notes(launcher: DictConfig, sweep_dir: Path) -> list[str]:
+def launcher_notes(launcher: DictConfig, launch_dir: Path, sweep_dir: Path) -> list[str]:
     """What a sweep under Hydra's submitit launcher should say before its jobs start: where their
     output goes (not to this console), and GPUs that submitit_local would hide from them."""
     target = str(launcher.get("_target_", ""))
     if "hydra_submitit_launcher" not in target:
         return []
-    folder = str(launcher.submitit_folder).replace("%j", "<job id>")
+    folder = launch_dir / str(launcher.submitit_folder).replace("%j", "<job id>")
     notes = [
         f"each job's console goes to {folder}/<job id>_0_log.err, its log to {sweep_dir}/<job number>/"
         f"train.log; this console shows the leaderboard when all have ended"
