@@ -346,3 +346,19 @@ def test_a_sqlite_store_on_nfs_is_warned_about_once_with_the_fix(tmp_path, caplo
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "is on a network filesystem (nfs at" in warning
     assert "mlflow.tracking_uri=http://" in warning, "the warning says what to do instead"
+
+
+def test_a_server_lost_during_a_run_is_named_with_the_socket_error(monkeypatch):
+    """Once a run is going, MLflow's own retries apply (none here); the failure names the server."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # restored for the next tests
+    down = f"http://127.0.0.1:{free_port()}"
+    mlflow.set_tracking_uri(down)
+    with pytest.raises(store.StoreError) as failed:
+        store.end_run("0" * 32, "FAILED", "stopped")
+    message = str(failed.value)
+    assert f"cannot end the run in the MLflow server {down}: Connection refused." in message, message
+    assert "HTTPConnectionPool" not in message

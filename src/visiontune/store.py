@@ -136,8 +136,11 @@ def _connection_fault(err: BaseException) -> str:
 
     if isinstance(err, requests.exceptions.Timeout):
         return f"no answer in {SERVER_PROBE_SECONDS} s"
-    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(err))
+    found = _ERRNO.search(str(err))
     return found.group(1).strip() if found else type(err).__name__
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")  # what the socket said, inside requests' wrapping
 
 
 # Filesystem types (as /proc/mounts names them) whose file locks SQLite cannot trust: a store
@@ -340,6 +343,8 @@ def _fault(what: str, err: BaseException) -> str:
     uri = mlflow.get_tracking_uri()
     cause = _root_cause(err)
     if is_server(uri):
+        refused = _ERRNO.search(cause)
+        cause = refused.group(1).strip() if refused else cause
         return (
             f"cannot {what} in the MLflow server {redact(uri)}: {cause}. Check that the server is up, "
             f"reachable from this machine, and that its database and artifact folder take writes."
