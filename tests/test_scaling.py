@@ -72,6 +72,27 @@ def test_a_missing_submitit_plugin_is_one_line_naming_the_extra(monkeypatch, cap
     )
 
 
+@pytest.mark.parametrize(
+    ("launcher", "gpus_per_node", "warned"),
+    [("submitit_local", None, True), ("local", 1, False), ("slurm", 1, False), ("joblib", None, False)],
+)
+def test_a_local_sweep_on_a_gpu_machine_says_when_its_jobs_would_get_no_gpu(
+    monkeypatch, tmp_path, launcher, gpus_per_node, warned
+):
+    from visiontune import sweep
+
+    monkeypatch.setattr(sweep, "_has_nvidia_gpus", lambda: True)
+    with initialize_config_module(config_module="visiontune.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    sweep_dir = tmp_path / cfg.hydra.sweep.dir
+    notes = sweep.launcher_notes(cfg.hydra.launcher, tmp_path, sweep_dir)
+    assert cfg.hydra.launcher.get("gpus_per_node") == gpus_per_node
+    assert any("hides this machine's GPUs" in note for note in notes) == warned
+    if launcher != "joblib":  # submitit's jobs write their consoles to files: the sweep says where
+        assert f"{sweep_dir}/.submitit/<job id>/<job id>_0_log.err" in notes[0], notes[0]
+        assert f"its log to {sweep_dir}/<job number>/train.log" in notes[0], notes[0]
+
+
 def test_a_slurm_sweep_where_there_is_no_slurm_stops_before_anything_is_recorded(tmp_path, monkeypatch):
     import shutil
 
