@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
+import shutil
 import signal
 import sys
 import threading
@@ -26,6 +28,11 @@ log = logging.getLogger("visiontune")
 PLUGIN_OPTIONS = (
     ("search=optuna", "hydra_plugins.hydra_optuna_sweeper", "visiontune[optuna]"),
     ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "visiontune[optuna]"),
+    *(
+        (f"hydra/launcher={name}", "hydra_plugins.hydra_submitit_launcher", "visiontune[slurm]")
+        # the plugin's two launchers, and visiontune's presets over them (conf/hydra/launcher)
+        for name in ("submitit_slurm", "submitit_local", "slurm", "local")
+    ),
 )
 
 
@@ -37,7 +44,10 @@ def main(cfg: DictConfig) -> float | None:
     if multirun:  # jobs of a parallel sweep share one console
         _prefix_console(f"#{hydra.job.num} ")
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        if SUBMITIT_JOB in os.environ:
+            _end_killed_on_requeue()
+        else:
+            signal.signal(signal.SIGTERM, _terminate)
     try:
         if not multirun:  # a bad value is refused before any run is recorded (a sweep's job records it)
             config.check_values(cfg)
@@ -49,6 +59,9 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:  # the sweep goes on; the job's MLflow run is already FAILED
             return None
         raise SystemExit(1) from None
+    except Requeued as requeued:
+        log.warning("requeued (preempted or out of time): the job continues this MLflow run when it restarts")
+        raise SystemExit(requeued.code) from None  # the exit code submitit chose (local: "requeue me")
     except KeyboardInterrupt as err:
         stopped = isinstance(err, Terminated)
         log.error("%s: the MLflow run is marked KILLED", "terminated" if stopped else "interrupted")
@@ -68,6 +81,46 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
+# Set by submitit in every process it starts for a job, on SLURM (submitit_slurm) or here (submitit_local).
+SUBMITIT_JOB = "SUBMITIT_EXECUTOR"
+
+
+class Requeued(KeyboardInterrupt):
+    """submitit requeued this job (preemption, time-out) and ends its process: the run is KILLED, not
+    FAILED, and the job's next start continues it (pipeline.find_earlier)."""
+
+    def __init__(self, code) -> None:
+        super().__init__()
+        self.code = code
+
+
+def _end_killed_on_requeue() -> None:
+    """Leave submitit's signal handlers in place, with its requeue ending the MLflow run KILLED.
+
+    submitit ignores SIGTERM (SLURM sends it before a preemption's USR2, and a job that stopped then
+    would never be requeued) and, on USR2, checkpoints and requeues the job, then exits through
+    SystemExit, which a run would record as FAILED. Its exit code is kept: 144 makes
+    submitit_local start the job again.
+    """
+    from submitit import JobEnvironment
+
+    from visiontune import store
+
+    number = getattr(signal, f"SIG{JobEnvironment.USR_SIG}")  # USR2 unless $SUBMITIT_PREEMPT_SIGNAL
+    requeue = signal.getsignal(number)
+    if not callable(requeue):
+        return
+
+    def requeued(signum, frame) -> None:
+        try:
+            requeue(signum, frame)
+        except SystemExit as leaving:
+            raise Requeued(leaving.code) from None
+
+    signal.signal(number, requeued)
+    store.hold_during_writes(number)  # never in the middle of a write to the store
+
+
 def cli() -> None:
     """The console script: main(), after checking that options from optional plugins can load.
 
@@ -79,6 +132,12 @@ def cli() -> None:
     for option, module, extra in PLUGIN_OPTIONS:
         if option in sys.argv[1:] and importlib.util.find_spec(module) is None:
             sys.exit(f'error: {option} needs a Hydra plugin that is not installed: pip install "{extra}"')
+    slurm = [o for o in ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm") if o in sys.argv[1:]]
+    if slurm and shutil.which("sbatch") is None:  # submitit would fail only after the parent run exists
+        sys.exit(
+            f"error: {slurm[0]} submits each job with SLURM's sbatch, which this machine does not have: "
+            f"launch from a login node of the cluster, or try the sweep here with hydra/launcher=local"
+        )
     try:
         config.check_command_line(sys.argv[1:])
     except VisiontuneError as err:
@@ -93,6 +152,14 @@ WORKER_DIED = (
     "a worker process of the joblib launcher died (killed, or out of memory) and joblib stops the whole "
     "sweep: the jobs not FINISHED under its parent run did not run or were cut off; run the same "
     "command again (with a lower hydra.launcher.n_jobs if memory ran out)"
+)
+
+
+SUBMITIT_JOB_LOST = (
+    "submitit job {job} ended without a result (killed, cancelled, out of memory, or out of time more "
+    "often than hydra.launcher.max_num_timeout): Hydra's launcher stops waiting there, while the jobs "
+    "still running go on and record their runs. When they have ended, run the same command with "
+    "resume=last to train what is left"
 )
 
 
@@ -117,6 +184,17 @@ def _sweep() -> None:
 
         if not sweep.abandon_open_sweeps(WORKER_DIED):
             sys.exit(f"error: {WORKER_DIED}")
+        sys.exit(1)
+    except Exception as err:
+        if not type(err).__module__.startswith("submitit."):  # UncompletedJobError, FailedJobError
+            raise
+        from visiontune import sweep
+
+        job = re.match(r"Job (\S+)", str(err))
+        reason = SUBMITIT_JOB_LOST.format(job=job.group(1) if job else "?")
+        # Its siblings may still be training (on SLURM they are jobs of their own): their runs stay open.
+        if not sweep.abandon_open_sweeps(reason, close_children=False):
+            sys.exit(f"error: {reason}")
         sys.exit(1)
 
 

@@ -19,6 +19,10 @@ def store_uri(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     uri = store.tracking_uri(args.tracking_uri, Path.cwd())
     if store.missing_store(uri):
         parser.error(f"no MLflow store at {uri}: run visiontune-train here first, or pass --tracking-uri")
+    try:
+        store.check_server(uri)
+    except store.StoreError as err:  # one line, not the usage: the command line itself was right
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     return uri
 
 

@@ -86,13 +86,16 @@ class Earlier:
 
 
 def find_earlier(cfg: DictConfig, job: Job, client, experiment_id: str) -> Earlier:
-    """A single run resumes what resume= names; a sweep's job, its own child of the reopened parent."""
-    if not cfg.resume:
-        return Earlier()
+    """A single run resumes what resume= names; a sweep's job, its own child of the reopened parent
+    (resume=), or of its own sweep when the job starts again (requeued after a preemption or time-out)."""
     parent_id, _ = sweep.read_handoff(job.sweep_dir)
     if parent_id is None:
+        if not cfg.resume:
+            return Earlier()
         saved = checkpoint.find(cfg.resume, client, experiment_id, cfg)
         return Earlier(saved, saved.run_id)
+    if not cfg.resume and not started_before(job):
+        return Earlier()
     child = store.child_for(client, parent_id, sweep.overrides_key(job.overrides))
     if child is None:  # never started
         return Earlier()
@@ -101,6 +104,15 @@ def find_earlier(cfg: DictConfig, job: Job, client, experiment_id: str) -> Earli
     folder = Path(child.data.tags.get(store.CHECKPOINT_TAG, "/nonexistent"))
     saved = checkpoint.read(folder) if (folder / checkpoint.LAST).is_file() else None
     return Earlier(saved, child.info.run_id)  # without a checkpoint: the same run, from its start
+
+
+def started_before(job: Job) -> bool:
+    """Whether this sweep job ran before, in this same sweep: requeued by SLURM (which counts its
+    restarts), or started again by submitit_local (which says nothing, but the job's own output
+    folder then holds its checkpoint). A job of a new sweep finds no child of its own either way."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    requeued = restarts.isdigit() and int(restarts) > 0
+    return requeued or (job.output_dir / "checkpoints" / checkpoint.LAST).is_file()
 
 
 def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earlier) -> float:

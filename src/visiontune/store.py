@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -89,6 +90,111 @@ def _credentials_to_env(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
+def is_server(uri: str) -> bool:
+    """Whether `uri` names an MLflow tracking server (HTTP), not a database the client opens itself."""
+    return urllib.parse.urlsplit(uri).scheme in ("http", "https")
+
+
+# How long a server may take to answer the first request. MLflow's own client retries a refused
+# connection for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 with a doubling pause): right for
+# a run whose server restarts, wrong for a command started against a server that is not there.
+SERVER_PROBE_SECONDS = 10
+
+
+def check_server(uri: str) -> None:
+    """A tracking server that does not answer: one line at once, before MLflow's retries start."""
+    if not is_server(uri):
+        return
+    import requests
+
+    try:
+        # An API call, not /health: MLflow 3 checks the Host header on its API only. Any other
+        # answer will do (a 401 from a server that wants a login): the server is there.
+        answer = requests.get(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1", timeout=SERVER_PROBE_SECONDS
+        )
+    except requests.exceptions.SSLError:
+        return  # it answered; MLflow reports its certificate in its own words
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as err:
+        raise StoreError(
+            f"cannot reach the MLflow server {redact(uri)} ({_connection_fault(err)}): start it "
+            f'(README, "A shared MLflow server") or point the tracking URI at one that runs '
+            f"(mlflow.tracking_uri=, --tracking-uri or $MLFLOW_TRACKING_URI)"
+        ) from None
+    if answer.status_code == 403 and "Host header" in answer.text:
+        parts = urllib.parse.urlsplit(uri)
+        raise StoreError(
+            f"the MLflow server {redact(uri)} refuses requests addressed to {parts.netloc} (MLflow 3 "
+            f"accepts only localhost and private IP addresses unless told): start it with "
+            f"--allowed-hosts {parts.hostname},{parts.netloc}"
+        )
+
+
+def _connection_fault(err: BaseException) -> str:
+    """'Connection refused', 'Name or service not known', 'no answer in 10 s': what requests buries."""
+    import requests
+
+    if isinstance(err, requests.exceptions.Timeout):
+        return f"no answer in {SERVER_PROBE_SECONDS} s"
+    found = _ERRNO.search(str(err))
+    return found.group(1).strip() if found else type(err).__name__
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")  # what the socket said, inside requests' wrapping
+
+
+# Filesystem types (as /proc/mounts names them) whose file locks SQLite cannot trust: a store
+# there, written by jobs on several machines, fails with "database is locked" or is corrupted.
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.ceph",
+        "glusterfs", "fuse.glusterfs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs",
+        "9p", "afs", "wekafs",
+    }
+)  # fmt: skip
+
+
+def network_mount(path: Path, mounts: str) -> tuple[str, str] | None:
+    """(mount point, type) of the network filesystem that holds `path`, from /proc/mounts text;
+    None where the filesystem holding it is local (the longest mount point containing it decides)."""
+    holder: tuple[str, str] | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # /proc/mounts writes a space in a mount point as \040 (octal escapes)
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        inside = path == Path(point) or Path(point) in path.parents
+        if inside and (holder is None or len(point) >= len(holder[0])):
+            holder = (point, fields[2])
+    return holder if holder is not None and holder[1] in NETWORK_FILESYSTEMS else None
+
+
+_WARNED_NETWORK: set[Path] = set()
+
+
+def warn_if_network_store(uri: str, mounts_file: Path = Path("/proc/mounts")) -> None:
+    """Warn once per store (and process) when a SQLite store lies on a network filesystem."""
+    database = sqlite_path(uri)
+    if database is None or database in _WARNED_NETWORK:
+        return
+    _WARNED_NETWORK.add(database)
+    try:
+        mounts = mounts_file.read_text()
+    except OSError:  # not Linux: nothing to look at
+        return
+    found = network_mount(database.parent.resolve() / database.name, mounts)
+    if found is not None:
+        point, kind = found
+        log.warning(
+            "the MLflow store %s is on a network filesystem (%s at %s), where SQLite's locks cannot be "
+            "trusted: jobs writing to it from several machines fail with 'database is locked' or corrupt "
+            'it. Run an MLflow server and use mlflow.tracking_uri=http://HOST:5000 (README, "A shared '
+            'MLflow server").',
+            *(database, kind, point),
+        )
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a local SQLite store; None for a server or another database."""
     return Path(uri.removeprefix(SQLITE_PREFIX)) if uri.startswith(SQLITE_PREFIX) else None
@@ -138,6 +244,8 @@ def open_store(uri: str) -> MlflowClient:
 
 def ensure_experiment(uri: str, name: str) -> str:
     """The experiment's id, creating the store and the experiment if they do not exist yet."""
+    check_server(uri)
+    warn_if_network_store(uri)
     try:
         client = open_store(uri)
         experiment = client.get_experiment_by_name(name)
@@ -179,6 +287,15 @@ def _check_artifacts_writable(uri: str) -> None:
         ) from err
 
 
+_HELD_DURING_WRITES = [signal.SIGINT, signal.SIGTERM]
+
+
+def hold_during_writes(signum: int) -> None:
+    """Hold `signum` too while the store is written (a scheduler's requeue signal, see cli.py)."""
+    if signum not in _HELD_DURING_WRITES:
+        _HELD_DURING_WRITES.append(signum)
+
+
 @contextlib.contextmanager
 def deferred_interrupt() -> Iterator[None]:
     """Hold a Ctrl-C or SIGTERM until the block ends, so no write to the store is cut off halfway.
@@ -190,7 +307,7 @@ def deferred_interrupt() -> Iterator[None]:
         yield
         return
     received: list = []
-    held = (signal.SIGINT, signal.SIGTERM)
+    held = tuple(_HELD_DURING_WRITES)
     previous = {s: signal.signal(s, lambda *args: received.append(args)) for s in held}
     try:
         yield
@@ -224,11 +341,17 @@ def _writing(what: str) -> Iterator[None]:
 
 def _fault(what: str, err: BaseException) -> str:
     uri = mlflow.get_tracking_uri()
-    where = sqlite_path(uri) or uri
     cause = _root_cause(err)
+    if is_server(uri):
+        refused = _ERRNO.search(cause)
+        cause = refused.group(1).strip() if refused else cause
+        return (
+            f"cannot {what} in the MLflow server {redact(uri)}: {cause}. Check that the server is up, "
+            f"reachable from this machine, and that its database and artifact folder take writes."
+        )
     return (
-        f"cannot {what} in the MLflow store {where}: {cause}. Check that it exists, is writable, "
-        f"has free disk space and that no other program holds it locked."
+        f"cannot {what} in the MLflow store {sqlite_path(uri) or uri}: {cause}. Check that it exists, "
+        f"is writable, has free disk space and that no other program holds it locked."
     )
 
 

@@ -93,11 +93,14 @@ def check_sweeper(sweeper: DictConfig) -> None:
 _OPEN: list[MlflowSweep] = []
 
 
-def abandon_open_sweeps(reason: str) -> bool:
-    """End every open sweep's parent FAILED with `reason`, one line each; whether there was one."""
+def abandon_open_sweeps(reason: str, close_children: bool = True) -> bool:
+    """End every open sweep's parent FAILED with `reason`, one line each; whether there was one.
+
+    `close_children=False` leaves its children RUNNING: jobs that still run elsewhere end their own.
+    """
     ended = bool(_OPEN)
     for callback in list(_OPEN):
-        callback._end_abandoned(reason)
+        callback._end_abandoned(reason, close_children)
     return ended
 
 
@@ -165,6 +168,8 @@ class MlflowSweep(Callback):
         log.info(
             "MLflow parent run %s for this sweep (varies %s)", self.parent.run_id, ", ".join(varied) or "-"
         )
+        for note in launcher_notes(config.hydra.launcher, launch_dir, sweep_dir):
+            log.info("%s", note)
 
     def _summarise(self) -> tuple[list[str], int]:
         """Leaderboard, figure and best child on the parent, which ends FINISHED; (failed jobs, jobs)."""
@@ -203,13 +208,16 @@ class MlflowSweep(Callback):
         self.interrupted = True
         signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as without us
 
-    def _end_abandoned(self, reason: str = "the sweep stopped before its end") -> None:
+    def _end_abandoned(
+        self, reason: str = "the sweep stopped before its end", close_children: bool = True
+    ) -> None:
         """End a parent (and children) left RUNNING: KILLED after Ctrl-C, else FAILED. Never raises."""
         if self.parent is None:
             return
         status = "KILLED" if self.interrupted else "FAILED"
         try:
-            self.parent.close_orphans(status)
+            if close_children:
+                self.parent.close_orphans(status)
             if status == "FAILED":
                 print(
                     f"error: {reason}; its MLflow parent run {self.parent.run_id} is FAILED", file=sys.stderr
@@ -218,6 +226,30 @@ class MlflowSweep(Callback):
             self._closed()
         except Exception as err:
             print(f"error: cannot end the sweep's MLflow parent run: {_message(err)}", file=sys.stderr)
+
+
+def launcher_notes(launcher: DictConfig, launch_dir: Path, sweep_dir: Path) -> list[str]:
+    """What a sweep under Hydra's submitit launcher should say before its jobs start: where their
+    output goes (not to this console), and GPUs that submitit_local would hide from them."""
+    target = str(launcher.get("_target_", ""))
+    if "hydra_submitit_launcher" not in target:
+        return []
+    folder = launch_dir / str(launcher.submitit_folder).replace("%j", "<job id>")
+    notes = [
+        f"each job's console goes to {folder}/<job id>_0_log.err, its log to {sweep_dir}/<job number>/"
+        f"train.log; this console shows the leaderboard when all have ended"
+    ]
+    if target.endswith("LocalLauncher") and not launcher.get("gpus_per_node") and _has_nvidia_gpus():
+        notes.append(
+            "submitit_local hides this machine's GPUs from its jobs, which train on the CPU: add "
+            "hydra.launcher.gpus_per_node=1 (hydra/launcher=local does)"
+        )
+    return notes
+
+
+def _has_nvidia_gpus() -> bool:
+    gpus = Path("/proc/driver/nvidia/gpus")  # the driver lists them whatever CUDA_VISIBLE_DEVICES says
+    return gpus.is_dir() and any(gpus.iterdir())
 
 
 def _summary(rows: list[dict]) -> tuple[dict[str, str], dict[str, float]]:

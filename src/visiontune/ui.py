@@ -40,8 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from visiontune import store
 
     uri = commands.store_uri(parser, args)
-    if uri.startswith(("http://", "https://")):
-        print(f"{uri} is an MLflow server: its UI is at {uri}")
+    if store.is_server(uri):  # it serves its own UI, to everyone who logs to it
+        experiment = store.open_store(uri).get_experiment_by_name(args.experiment)
+        print(f"{uri} is an MLflow server with a UI of its own; nothing to start here")
+        base = uri.rstrip("/")
+        print(f"open {experiment_url(base, experiment.experiment_id) if experiment else base}")
         return 0
     if not _can_listen(args.host, args.port):
         print(
