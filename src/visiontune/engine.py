@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,26 +13,54 @@ import torch.fx
 from torch import nn
 from tqdm import tqdm
 
-from visiontune import VisiontuneError
+from visiontune import VisiontuneError, distributed
 from visiontune.models import PreparedModel
 
 
-def pick_device(requested: str) -> torch.device:
-    """auto (a CUDA GPU if there is one), cpu, mps, cuda or cuda:N, refused in one line if absent."""
+def pick_device(requested: str, local_rank: int | None = None, job_number: int | None = None) -> torch.device:
+    """auto (a CUDA GPU if there is one), cpu, mps, cuda or cuda:N, refused in one line if absent.
+
+    Under torchrun (`local_rank`) each rank takes its own GPU; in a sweep (`job_number`) auto
+    spreads the jobs over the GPUs.
+    """
     from visiontune.config import DEVICE
 
     if not DEVICE.fullmatch(requested):
         raise VisiontuneError(f"device {requested!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = torch.device(choose_device(requested, cuda_count, local_rank, job_number))
+    if device.type == "cuda" and not cuda_count:
         raise VisiontuneError(
             f"device {requested} was asked for but this machine has no CUDA GPU: use auto or cpu"
         )
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise VisiontuneError(f"device {requested}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "cuda" and (device.index or 0) >= cuda_count:
+        raise VisiontuneError(f"device {requested}: this machine has {cuda_count} CUDA GPU(s)")
     return device
+
+
+def choose_device(requested: str, cuda_count: int, local_rank: int | None, job_number: int | None) -> str:
+    """The device name for `requested` on a machine with `cuda_count` GPUs.
+
+    A torchrun worker uses the GPU of its LOCAL_RANK (one GPU per rank, as nccl wants); a sweep's
+    job under auto uses GPU job_number % count, so that a joblib sweep with n_jobs = GPUs puts
+    each of its parallel jobs (consecutive numbers) on a GPU of its own.
+    """
+    if requested == "auto":
+        if not cuda_count:
+            return "cpu"
+        requested = "cuda"
+    if requested != "cuda":
+        if local_rank is not None and requested.startswith("cuda:"):
+            raise VisiontuneError(
+                f"device={requested} under torchrun would put every rank on one GPU: use device=auto "
+                f"or cuda (each rank takes cuda:LOCAL_RANK)"
+            )
+        return requested
+    if local_rank is not None:
+        return f"cuda:{local_rank}"
+    if job_number is not None and cuda_count:
+        return f"cuda:{job_number % cuda_count}"
+    return "cuda"
 
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -125,34 +154,51 @@ class _Tally:
         self.first_bad = torch.where(first, self.batches, self.first_bad)
 
     def result(self, seconds: float) -> PhaseResult:
-        count = max(self.count, 1)
+        """Mean loss and accuracy of the phase; under torchrun over every rank's images, reduced
+        here once per phase (sums, then the first bad batch), not once per batch."""
+        device = self.loss.device
+        loss, correct, count = distributed.sum_over_ranks(
+            [self.loss.item(), self.correct.item(), self.count], device
+        )
+        count = max(count, 1)
         first_bad = int(self.first_bad.item())
+        first_bad = distributed.min_over_ranks(first_bad if first_bad > 0 else math.inf, device)
         return PhaseResult(
-            self.loss.item() / count,
-            self.correct.item() / count,
+            loss / count,
+            correct / count,
             seconds,
-            first_nonfinite_batch=first_bad if first_bad > 0 else None,
+            first_nonfinite_batch=int(first_bad) if first_bad < math.inf else None,
             batches=self.batches,
         )
 
 
 def train_one_epoch(
-    training: Training, loader, desc: str = "train", frozen: FrozenBackbone | None = None
+    training: Training,
+    loader,
+    desc: str = "train",
+    frozen: FrozenBackbone | None = None,
+    trained: nn.Module | None = None,
 ) -> PhaseResult:
-    """One optimisation pass over `loader`; with `frozen`, the backbone runs apart from the head."""
+    """One optimisation pass over `loader`; with `frozen`, the backbone runs apart from the head.
+
+    `trained` is what the forward pass goes through: the model (or, with `frozen`, the part from
+    its head on), or that inside DistributedDataParallel.
+    """
     model, runtime = training.model, training.runtime
+    trained = trained or (frozen.tail if frozen is not None else model.module)
     start = _clock(runtime.device)
     model.train_mode()
     tally = _Tally(runtime.device)
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
         images, labels = runtime.inputs(images, labels)
         if frozen is not None:
-            logits = frozen.logits(frozen.features(images, runtime), runtime)
+            features = frozen.features(images, runtime)
             with runtime.autocast():
+                logits = trained(features)
                 loss = training.criterion(logits, labels)
         else:
             with runtime.autocast():
-                logits, loss = _training_loss(model, images, labels, training.criterion)
+                logits, loss = _training_loss(model.spec, trained, images, labels, training.criterion)
         training.optimizer.zero_grad(set_to_none=True)
         training.scaler.scale(loss).backward()
         training.scaler.step(training.optimizer)
@@ -161,15 +207,15 @@ def train_one_epoch(
     return tally.result(_clock(runtime.device) - start)
 
 
-def _training_loss(model: PreparedModel, images, labels, criterion) -> tuple[torch.Tensor, torch.Tensor]:
+def _training_loss(spec, module: nn.Module, images, labels, criterion) -> tuple[torch.Tensor, torch.Tensor]:
     """(main logits, loss). A model with an auxiliary head returns its logits too in training."""
-    if model.spec.aux_head is None:
-        logits = model.module(images)
+    if spec.aux_head is None:
+        logits = module(images)
         return logits, criterion(logits, labels)
-    logits, aux_logits = model.module(images)
+    logits, aux_logits = module(images)
     loss = criterion(logits, labels)
-    if model.spec.aux_loss_weight:
-        loss = loss + model.spec.aux_loss_weight * criterion(aux_logits, labels)
+    if spec.aux_loss_weight:
+        loss = loss + spec.aux_loss_weight * criterion(aux_logits, labels)
     return logits, loss
 
 
@@ -344,13 +390,21 @@ def fit(
     cache = BackboneCache(backbone, cache_bytes) if backbone else None
     # An auxiliary head that trains reads the backbone's middle: such a model trains whole.
     split = backbone if prepared.spec.aux_head is None else None
+    # Under torchrun, DDP averages the gradients of what trains: the whole model, or a split
+    # model's part from the head on. An auxiliary head that the loss ignores gets no gradient.
+    spec = prepared.spec
+    trained = distributed.data_parallel(
+        split.tail if split else module,
+        find_unused_parameters=spec.aux_head is not None and not spec.aux_loss_weight,
+    )
     progress = progress or Progress()
     for epoch in range(progress.epoch + 1, training.epochs + 1):
         tic = time.perf_counter()
         lr = training.optimizer.param_groups[0]["lr"]
         if hasattr(loaders["train"], "set_epoch"):
             loaders["train"].set_epoch(epoch)
-        tr = train_one_epoch(training, loaders["train"], desc=f"epoch {epoch} train", frozen=split)
+        tr = train_one_epoch(training, loaders["train"], f"epoch {epoch} train", split, trained)
+        distributed.average_norm_statistics(module)  # validation and checkpoints see the same ones
         if tr.first_nonfinite_batch is not None:
             raise NonFiniteLoss(_divergence(tr, epoch, lr, training.runtime.amp_dtype == torch.float16))
         va = evaluate(
