@@ -54,8 +54,14 @@ def main(cfg: DictConfig) -> float | None:
             return None
         raise SystemExit(1) from None
     except KeyboardInterrupt as err:
+        if launch is not None and threading.current_thread() is threading.main_thread():
+            # torchrun sends SIGTERM to the ranks left once one stops: it must not cut this exit short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stopped = isinstance(err, Terminated)
-        if rank == 0:  # other ranks record no run; torchrun stops them when one rank stops
+        if isinstance(err, distributed.PeerLost):
+            log.error("error: %s%s", err, ": the MLflow run is marked KILLED" if rank == 0 else "")
+            raise SystemExit(1) from None
+        if rank == 0:  # other ranks record no run
             log.error("%s: the MLflow run is marked KILLED", "terminated" if stopped else "interrupted")
         raise SystemExit(143 if stopped else 130) from None
     except Exception:

@@ -53,12 +53,55 @@ def process_group(launch: Launch | None, device) -> Iterator[None]:
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=_device_id(device))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    store = _attempt_store(launch)
+    ranks = {"rank": launch.rank, "world_size": launch.world_size} if store else {}
+    dist.init_process_group(backend, store=store, device_id=_device_id(device), **ranks)
     try:
         yield
         dist.barrier()  # leave together: a rank gone early looks like a failure to the slower ones
     finally:
         dist.destroy_process_group()
+
+
+class PeerLost(KeyboardInterrupt):
+    """Another rank stopped (killed, out of memory, failed): this one stops as on Ctrl-C, its run
+    KILLED and resumable, and torchrun restarts all ranks (--max-restarts) or ends the job."""
+
+
+@contextlib.contextmanager
+def peer_loss_as_interrupt() -> Iterator[None]:
+    """A collective that fails because a peer is gone becomes PeerLost, not a traceback."""
+    try:
+        yield
+    except Exception as err:
+        if not _active() or not _lost_peer(err):
+            raise
+        raise PeerLost(f"another rank stopped ({str(err).splitlines()[0][:200]})") from err
+
+
+def _lost_peer(err: Exception) -> bool:
+    import torch.distributed as dist
+
+    # nccl raises DistError's subclasses; gloo a plain RuntimeError from its transport.
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "/gloo/" in str(err))
+
+
+def _attempt_store(launch: Launch):
+    """torchrun's store under a key prefix of this attempt's own, or None for torchrun's default.
+
+    The agent keeps one store for all attempts of a launch, and a restarted rank could read
+    the previous attempt's gloo or nccl addresses there and wait for ever (seen here with
+    --max-restarts; pytorch issue 135712). With --standalone one agent restarts every rank,
+    so their restart counts agree.
+    """
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(address, port, launch.world_size, is_master=False)
+    return dist.PrefixStore(f"visiontune/attempt_{launch.restart_count}", store)
 
 
 def _device_id(device):

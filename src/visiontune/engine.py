@@ -374,6 +374,7 @@ class Progress:
     curve: list[float] = field(default_factory=list)  # val accuracy per epoch
 
 
+@distributed.peer_loss_as_interrupt()  # under torchrun: another rank died, this run is KILLED
 def fit(
     training: Training,
     loaders: dict,
