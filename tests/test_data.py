@@ -316,3 +316,17 @@ def test_download_with_wrong_archive_md5_is_refused(tmp_path, local_server):
     with pytest.raises(VisiontuneError, match="could not download"):
         data.prepare_root(root, f"{base}/i.zip", "0" * 32, None)
     assert not root.exists()
+
+
+@pytest.mark.parametrize("size", [9, 10, 1])
+def test_training_shards_of_two_ranks_make_one_shuffled_epoch(size):
+    """As DistributedSampler: equal lengths (padded from the start of the order), one order split."""
+    whole = data.EpochShuffle(size, seed=3)
+    shards = [data.EpochShuffle(size, seed=3, rank=rank, world=2) for rank in (0, 1)]
+    for sampler in (whole, *shards):
+        sampler.set_epoch(2)
+    order = list(whole)
+    taken = [list(shard) for shard in shards]
+    assert len(taken[0]) == len(taken[1]) == len(shards[0]) == -(-size // 2)
+    interleaved = [i for pair in zip(*taken, strict=True) for i in pair]
+    assert interleaved[:size] == order and set(interleaved) == set(order)
