@@ -58,8 +58,9 @@ def process_group(launch: Launch | None, device) -> Iterator[None]:
     ranks = {"rank": launch.rank, "world_size": launch.world_size} if store else {}
     dist.init_process_group(backend, store=store, device_id=_device_id(device), **ranks)
     try:
-        yield
-        dist.barrier()  # leave together: a rank gone early looks like a failure to the slower ones
+        with peer_loss_as_interrupt():  # one line, not a traceback, where a collective lost its peer
+            yield
+            dist.barrier()  # leave together: a rank gone early looks like a failure to the slower ones
     finally:
         dist.destroy_process_group()
 
@@ -77,7 +78,8 @@ def peer_loss_as_interrupt() -> Iterator[None]:
     except Exception as err:
         if not _active() or not _lost_peer(err):
             raise
-        raise PeerLost(f"another rank stopped ({str(err).splitlines()[0][:200]})") from err
+        cause = str(err).splitlines()[0].split(". ")[0][:200]  # gloo and nccl add paragraphs of advice
+        raise PeerLost(f"another rank stopped ({cause})") from err
 
 
 def _lost_peer(err: Exception) -> bool:

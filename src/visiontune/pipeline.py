@@ -251,7 +251,11 @@ def resume_progress(saved, training: engine.Training, run_id: str) -> engine.Pro
 def say_how_to_resume(run_id: str, folder: Path) -> None:
     if (folder / checkpoint.LAST).is_file():
         launch = distributed.Launch.from_env()
-        start = f"torchrun --nproc_per_node={launch.world_size} -m visiontune.train" if launch else ""
+        start = (
+            f"torchrun --standalone --nproc_per_node={launch.world_size} -m visiontune.train"
+            if launch
+            else ""
+        )
         command = f"{start or 'visiontune-train'} resume={run_id}"
         store.set_tags({checkpoint.RESUME_TAG: command})
         log.info("stopped; continue it with: %s", command)
