@@ -3,11 +3,13 @@ on every rank, val accuracy as one process computes it, restarts that continue t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,7 @@ def odd_folder(tmp_path_factory) -> Path:
     return make_image_folder(root, {"train": 4, "val": 3}, classes=("ants", "bees", "wasps"))
 
 
-def torchrun(cwd: Path, *args: str, restarts: int = 0, script: str = "-m visiontune.train") -> list[str]:
+def torchrun_args(*args: str, restarts: int = 0, script: str = "-m visiontune.train") -> list[str]:
     return [
         str(TORCHRUN),
         "--standalone",
@@ -45,17 +47,34 @@ def torchrun(cwd: Path, *args: str, restarts: int = 0, script: str = "-m visiont
     ]
 
 
+@contextlib.contextmanager
+def torchrun(cwd: Path, *args: str, **options) -> Iterator[subprocess.Popen]:
+    """torchrun in `cwd`, its stderr read by communicate(); none of its processes outlives the block
+    (its workers have sessions of their own, so killing torchrun alone would leave them running)."""
+    process = subprocess.Popen(
+        torchrun_args(*args, **options),
+        cwd=cwd,
+        env=cli_env(cwd),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(OSError):
+                for pid in worker_pids(process.pid).values():
+                    os.kill(pid, signal.SIGKILL)
+            process.kill()
+            process.communicate()
+
+
 def test_two_ranks_record_one_run_in_one_folder_with_one_process_val_accuracy(tmp_path, odd_folder):
     data = ("data=imagefolder", f"data.root={odd_folder}")
-    result = subprocess.run(
-        torchrun(tmp_path, *FAST, *data, "epochs=2"),
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    with torchrun(tmp_path, *FAST, *data, "epochs=2") as process:
+        stderr = process.communicate(timeout=300)[1]
+    assert process.returncode == 0, stderr[-3000:]
     (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
     assert run.info.status == "FINISHED"
     params = run.data.params
@@ -72,7 +91,7 @@ def test_two_ranks_record_one_run_in_one_folder_with_one_process_val_accuracy(tm
     # One output folder, written by rank 0 alone; rank 1's console lines are warnings only.
     (folder,) = (tmp_path / "outputs" / "runs").glob("*/*")
     assert sorted(p.name for p in folder.iterdir()) == [".hydra", "train.log"]
-    assert result.stderr.count("epoch 1/2") == 1 and "[rank 1]" not in result.stderr
+    assert stderr.count("epoch 1/2") == 1 and "[rank 1]" not in stderr
     assert "final weights identical on all 2 ranks" in (folder / "train.log").read_text()
     # The logged (best) model, scored by one process on the whole val folder.
     assert one_process_val_acc(run.info.run_id, tmp_path, odd_folder) == run.data.metrics["best_val_acc"]
@@ -113,24 +132,13 @@ def test_a_killed_worker_is_restarted_and_the_same_run_finishes(tmp_path, tiny_f
     epochs = 12
     args = (*FAST, "data=imagefolder", f"data.root={tiny_folder}", f"epochs={epochs}", "model.input_size=96")
     script = str(Path(sys.executable).parent / "visiontune-train")
-    process = subprocess.Popen(
-        torchrun(tmp_path, *args, restarts=1, script=script),
-        cwd=tmp_path,
-        env=cli_env(tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    with torchrun(tmp_path, *args, restarts=1, script=script) as process:
         deadline = time.monotonic() + 120
         while not has_metric(tmp_path / "outputs" / "mlflow.db", "val_acc"):
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         os.kill(worker_pids(process.pid)[1], signal.SIGKILL)
         stderr = process.communicate(timeout=240)[1]
-    finally:
-        process.kill()
     assert process.returncode == 0, stderr[-3000:]
     assert "torchrun restarted the workers: continuing MLflow run" in stderr
     (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
