@@ -83,12 +83,20 @@ def run(cfg: DictConfig) -> float:
             earlier = after_restart(job, client, experiment_id)
         else:
             earlier = find_earlier(cfg, job, client, experiment_id)
-        # Every rank resumes from the same checkpoint: the one rank 0 found.
-        distributed.broadcast(earlier.saved.folder if earlier.saved else None)
-        if earlier.finished is not None:  # a resumed sweep's job that already ran to its end
+        distributed.broadcast(Plan(earlier.finished is None, earlier.saved.folder if earlier.saved else None))
+        if earlier.finished is not None:  # a resumed sweep's job (or a restart) that already ran to its end
             log.info("already FINISHED as MLflow run %s: not trained again", earlier.finished.info.run_id)
             return earlier.finished.data.metrics.get("best_val_acc", 0.0)
         return train(cfg, job, uri, experiment_id, earlier, device)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What rank 0 decided for the other torchrun ranks: whether to train, and from which checkpoint
+    (every rank loads the same one)."""
+
+    train: bool
+    checkpoint: Path | None
 
 
 @dataclass(frozen=True)
@@ -174,9 +182,11 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
     return result.best_acc
 
 
-def follow(cfg: DictConfig, job: Job, device, checkpoint_folder: Path | None) -> float:
-    """A torchrun rank other than 0: train() without recording anything, from rank 0's checkpoint."""
-    saved = checkpoint.read(checkpoint_folder) if checkpoint_folder else None
+def follow(cfg: DictConfig, job: Job, device, plan: Plan) -> float:
+    """A torchrun rank other than 0: train() without recording anything, as rank 0 planned."""
+    if not plan.train:
+        return 0.0
+    saved = checkpoint.read(plan.checkpoint) if plan.checkpoint else None
     cfg = checkpoint.resumed_config(saved, cfg, job.overrides) if saved else cfg
     setup = set_up(cfg, job, config.model_spec(cfg.model), config.mode_of(cfg.mode), device)
     progress = checkpoint.restore(saved, setup.training) if saved else None
