@@ -70,9 +70,14 @@ def torchrun(cwd: Path, *args: str, **options) -> Iterator[subprocess.Popen]:
             process.communicate()
 
 
-def test_two_ranks_record_one_run_in_one_folder_with_one_process_val_accuracy(tmp_path, odd_folder):
+@pytest.mark.parametrize("mode", ["scratch", "feature_extract"])
+def test_two_ranks_record_one_run_in_one_folder_with_one_process_val_accuracy(
+    tmp_path, odd_folder, standin_weights, mode
+):
+    """feature_extract trains its head apart from the frozen backbone: DDP wraps that part alone."""
     data = ("data=imagefolder", f"data.root={odd_folder}")
-    with torchrun(tmp_path, *FAST, *data, "epochs=2") as process:
+    weights = f"model.weights={standin_weights('squeezenet1_0')}"
+    with torchrun(tmp_path, *FAST, f"mode={mode}", weights, *data, "epochs=2") as process:
         stderr = process.communicate(timeout=300)[1]
     assert process.returncode == 0, stderr[-3000:]
     (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
@@ -130,7 +135,14 @@ def test_a_killed_worker_is_restarted_and_the_same_run_finishes(tmp_path, tiny_f
     checkpoint, in the same MLflow run, which then FINISHES with each epoch logged once.
     Run through the console script, the other way torchrun starts visiontune."""
     epochs = 12
-    args = (*FAST, "data=imagefolder", f"data.root={tiny_folder}", f"epochs={epochs}", "model.input_size=96")
+    args = (
+        *FAST,
+        "mode=scratch",
+        "data=imagefolder",
+        f"data.root={tiny_folder}",
+        f"epochs={epochs}",
+        "model.input_size=96",
+    )
     script = str(Path(sys.executable).parent / "visiontune-train")
     with torchrun(tmp_path, *args, restarts=1, script=script) as process:
         deadline = time.monotonic() + 120
