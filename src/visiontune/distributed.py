@@ -56,7 +56,7 @@ def process_group(launch: Launch | None, device) -> Iterator[None]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     store = _attempt_store(launch)
     ranks = {"rank": launch.rank, "world_size": launch.world_size} if store else {}
-    dist.init_process_group(backend, store=store, device_id=_device_id(device), **ranks)
+    dist.init_process_group(backend, store=store, device_id=device if backend == "nccl" else None, **ranks)
     try:
         with peer_loss_as_interrupt():  # one line, not a traceback, where a collective lost its peer
             yield
@@ -104,10 +104,6 @@ def _attempt_store(launch: Launch):
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     store = dist.TCPStore(address, port, launch.world_size, is_master=False)
     return dist.PrefixStore(f"visiontune/attempt_{launch.restart_count}", store)
-
-
-def _device_id(device):
-    return device if device.type == "cuda" else None
 
 
 def _active() -> bool:
