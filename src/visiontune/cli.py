@@ -58,8 +58,8 @@ def main(cfg: DictConfig) -> float | None:
             # torchrun sends SIGTERM to the ranks left once one stops: it must not cut this exit short.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stopped = isinstance(err, Terminated)
-        if isinstance(err, distributed.PeerLost):
-            log.error("error: %s%s", err, ": the MLflow run is marked KILLED" if rank == 0 else "")
+        if isinstance(err, distributed.PeerLost):  # a run it had open already said "MLflow run ... KILLED"
+            log.error("error: %s", err)
             raise SystemExit(1) from None
         if rank == 0:  # other ranks record no run
             log.error("%s: the MLflow run is marked KILLED", "terminated" if stopped else "interrupted")
