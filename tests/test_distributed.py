@@ -31,9 +31,15 @@ FAST = (
 
 @pytest.fixture(scope="module")
 def odd_folder(tmp_path_factory) -> Path:
-    """9 val images: two ranks get 5 and 4, so a padded val shard would count one image twice."""
-    root = tmp_path_factory.mktemp("odd") / "odd"
-    return make_image_folder(root, {"train": 4, "val": 3}, classes=("ants", "bees", "wasps"))
+    """9 val images: two ranks get 5 and 4, so a padded val shard would count one image twice.
+
+    Plus a truncated val image (its header reads, its pixels do not), 4th in order: rank 1's."""
+    root = make_image_folder(
+        tmp_path_factory.mktemp("odd") / "odd", {"train": 4, "val": 3}, classes=("ants", "bees", "wasps")
+    )
+    whole = (root / "val" / "ants" / "ants_0.jpg").read_bytes()
+    (root / "val" / "ants" / "cut.jpg").write_bytes(whole[: whole.index(b"\xff\xda") + 20])
+    return root
 
 
 def torchrun_args(*args: str, restarts: int = 0, script: str = "-m visiontune.train") -> list[str]:
@@ -75,7 +81,7 @@ def test_two_ranks_record_one_run_in_one_folder_with_one_process_val_accuracy(
     tmp_path, odd_folder, standin_weights, mode
 ):
     """feature_extract trains its head apart from the frozen backbone: DDP wraps that part alone."""
-    data = ("data=imagefolder", f"data.root={odd_folder}")
+    data = ("data=imagefolder", f"data.root={odd_folder}", "data.skip_bad_images=true")
     weights = f"model.weights={standin_weights('squeezenet1_0')}"
     with torchrun(tmp_path, *FAST, f"mode={mode}", weights, *data, "epochs=2") as process:
         stderr = process.communicate(timeout=300)[1]
@@ -96,7 +102,10 @@ def test_two_ranks_record_one_run_in_one_folder_with_one_process_val_accuracy(
     # One output folder, written by rank 0 alone; rank 1's console lines are warnings only.
     (folder,) = (tmp_path / "outputs" / "runs").glob("*/*")
     assert sorted(p.name for p in folder.iterdir()) == [".hydra", "train.log"]
-    assert stderr.count("epoch 1/2") == 1 and "[rank 1]" not in stderr
+    assert stderr.count("epoch 1/2") == 1
+    rank_1 = [line for line in stderr.splitlines() if line.startswith("[rank 1]")]
+    assert rank_1 and all("skipping image that does not decode" in line for line in rank_1)
+    assert run.data.metrics["skipped_images"] == 1, "rank 1's skip, summed across ranks"
     assert "final weights identical on all 2 ranks" in (folder / "train.log").read_text()
     # The logged (best) model, scored by one process on the whole val folder.
     assert one_process_val_acc(run.info.run_id, tmp_path, odd_folder) == run.data.metrics["best_val_acc"]
@@ -110,7 +119,7 @@ def one_process_val_acc(run_id: str, cwd: Path, root: Path) -> float:
     mlflow.set_tracking_uri(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")
     module = mlflow.pytorch.load_model(f"runs:/{run_id}/model")  # takes normalised tensors
     _, samples = data.find_samples(root)
-    settings = data.LoaderSettings(input_size=64, batch_size=4, num_workers=0, seed=0)
+    settings = data.LoaderSettings(input_size=64, batch_size=4, num_workers=0, seed=0, skip_bad=True)
     cpu = torch.device("cpu")
     runtime = engine.Runtime(cpu, data.Normalizer(cpu))
     return engine.evaluate(

@@ -164,7 +164,7 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
             on_epoch = EpochRecorder(cfg, job.output_dir / "checkpoints", training, run_id, saved)
             result = engine.fit(training, loaders, cfg.data.val_cache_mb * 2**20, on_epoch, progress)
             same_on_every_rank(prepared.module)
-            store.log_metrics({"skipped_images": skipped_images(checked, loaders)})
+            store.log_metrics({"skipped_images": skipped_images(checked, loaders, device)})
             record(result, label)
             if cfg.mlflow.log_model:
                 # A sweep registers only its best child, at its end (sweep.py).
@@ -192,6 +192,7 @@ def follow(cfg: DictConfig, job: Job, device, plan: Plan) -> float:
     progress = checkpoint.restore(saved, setup.training) if saved else None
     result = engine.fit(setup.training, setup.loaders, cfg.data.val_cache_mb * 2**20, progress=progress)
     same_on_every_rank(setup.prepared.module)
+    skipped_images(setup.checked, setup.loaders, device)  # rank 0 logs the sum
     return result.best_acc
 
 
@@ -441,9 +442,11 @@ class EpochRecorder:
         )
 
 
-def skipped_images(checked: data.CheckedData, loaders: dict) -> int:
-    """Images left out: unreadable headers found up front, and images that failed to decode."""
-    return checked.skipped + sum(loader.skipped for loader in loaders.values())
+def skipped_images(checked: data.CheckedData, loaders: dict, device) -> int:
+    """Images left out: unreadable headers found up front, and images that failed to decode (on
+    any rank: each decodes its own shard; every rank must call this under torchrun)."""
+    decoded = distributed.sum_over_ranks([sum(loader.skipped for loader in loaders.values())], device)
+    return checked.skipped + int(decoded[0])
 
 
 def record(result: engine.FitResult, label: str) -> None:
