@@ -352,3 +352,17 @@ def test_decoded_training_images_keep_a_bounded_size_and_budget(tmp_path, caplog
     assert loader.loader.dataset.decoded is None, "over budget: each epoch decodes again"
     assert "would pass the cache budget" in caplog.text
     assert sum(len(labels) for _, labels in loader) == 80
+
+
+@pytest.mark.parametrize("size", [9, 10, 1])
+def test_training_shards_of_two_ranks_make_one_shuffled_epoch(size):
+    """As DistributedSampler: equal lengths (padded from the start of the order), one order split."""
+    whole = data.EpochShuffle(size, seed=3)
+    shards = [data.EpochShuffle(size, seed=3, rank=rank, world=2) for rank in (0, 1)]
+    for sampler in (whole, *shards):
+        sampler.set_epoch(2)
+    order = list(whole)
+    taken = [list(shard) for shard in shards]
+    assert len(taken[0]) == len(taken[1]) == len(shards[0]) == -(-size // 2)
+    interleaved = [i for pair in zip(*taken, strict=True) for i in pair]
+    assert interleaved[:size] == order and set(interleaved) == set(order)

@@ -148,3 +148,27 @@ def test_a_nonfinite_training_loss_stops_fit_naming_epoch_and_batch():
         engine.fit(training, loaders, on_epoch=lambda report, progress: reports.append(report))
     assert "lower optimizer.lr (it is 0.1)" in str(stopped.value)
     assert reports == [], "no epoch with a non-finite loss is reported, let alone kept as best"
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda_count", "local_rank", "job_number", "chosen"),
+    [
+        ("auto", 0, None, None, "cpu"),
+        ("auto", 0, 1, 3, "cpu"),  # torchrun or a sweep on a machine without GPUs
+        ("auto", 4, None, None, "cuda"),
+        ("auto", 4, 2, None, "cuda:2"),  # torchrun: the rank's own GPU
+        ("cuda", 4, 3, None, "cuda:3"),
+        ("auto", 4, None, 0, "cuda:0"),  # a joblib sweep with n_jobs=4: jobs 0-3 on four GPUs
+        ("auto", 4, None, 3, "cuda:3"),
+        ("auto", 4, None, 6, "cuda:2"),  # later jobs wrap round
+        ("cuda:1", 4, None, 6, "cuda:1"),  # an explicit GPU stays as asked
+        ("cpu", 4, 1, 6, "cpu"),
+    ],
+)
+def test_device_choice_by_torchrun_rank_and_sweep_job(requested, cuda_count, local_rank, job_number, chosen):
+    assert engine.choose_device(requested, cuda_count, local_rank, job_number) == chosen
+
+
+def test_one_gpu_named_for_every_torchrun_rank_is_refused():
+    with pytest.raises(engine.VisiontuneError, match="every rank on one GPU"):
+        engine.choose_device("cuda:0", 2, 1, None)

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from visiontune import VisiontuneError, config, user_message
+from visiontune import VisiontuneError, config, distributed, user_message
 
 log = logging.getLogger("visiontune")
 
@@ -41,8 +41,12 @@ def main(cfg: DictConfig) -> float | None:
     """Train one configuration; returns its best validation accuracy (for sweepers)."""
     hydra = HydraConfig.get()
     multirun = hydra.mode == RunMode.MULTIRUN
+    launch = distributed.Launch.from_env()
+    rank = launch.rank if launch else 0
     if multirun:  # jobs of a parallel sweep share one console
         _prefix_console(f"#{hydra.job.num} ")
+    if rank > 0:  # torchrun's ranks share one console too; rank 0 speaks for the run
+        _prefix_console(f"[rank {rank}] ")
     if threading.current_thread() is threading.main_thread():
         if SUBMITIT_JOB in os.environ:
             _end_killed_on_requeue()
@@ -50,7 +54,7 @@ def main(cfg: DictConfig) -> float | None:
             signal.signal(signal.SIGTERM, _terminate)
     try:
         if not multirun:  # a bad value is refused before any run is recorded (a sweep's job records it)
-            config.check_values(cfg)
+            _check_values(cfg, rank)
         from visiontune import pipeline  # torch and mlflow: only once the config is known to be good
 
         return pipeline.run(cfg)
@@ -63,14 +67,31 @@ def main(cfg: DictConfig) -> float | None:
         log.warning("requeued (preempted or out of time): the job continues this MLflow run when it restarts")
         raise SystemExit(requeued.code) from None  # the exit code submitit chose (local: "requeue me")
     except KeyboardInterrupt as err:
+        if launch is not None and threading.current_thread() is threading.main_thread():
+            # torchrun sends SIGTERM to the ranks left once one stops: it must not cut this exit short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stopped = isinstance(err, Terminated)
-        log.error("%s: the MLflow run is marked KILLED", "terminated" if stopped else "interrupted")
+        if isinstance(err, distributed.PeerLost):  # a run it had open already said "MLflow run ... KILLED"
+            log.error("error: %s", err)
+            raise SystemExit(1) from None
+        if rank == 0:  # other ranks record no run
+            log.error("%s: the MLflow run is marked KILLED", "terminated" if stopped else "interrupted")
         raise SystemExit(143 if stopped else 130) from None
     except Exception:
         if not multirun:
             raise
         log.exception("job failed")
         return None
+
+
+def _check_values(cfg: DictConfig, rank: int) -> None:
+    """config.check_values; under torchrun every rank finds the same mistake, and rank 0 alone says it."""
+    try:
+        config.check_values(cfg)
+    except VisiontuneError:
+        if rank > 0:
+            raise SystemExit(1) from None
+        raise
 
 
 class Terminated(KeyboardInterrupt):
@@ -127,25 +148,60 @@ def cli() -> None:
     Without the plugin Hydra only says it cannot find 'hydra/sweeper/optuna'; this says what to
     install instead.
     """
-    # Read by conf/train.yaml: runs launched in the same second still get folders of their own.
-    os.environ["VISIONTUNE_LAUNCH_ID"] = str(os.getpid())
+    launch = distributed.Launch.from_env()
+    args = sys.argv[1:]
+    if launch is None:
+        # Read by conf/train.yaml: runs launched in the same second still get folders of their own.
+        os.environ["VISIONTUNE_LAUNCH_ID"] = str(os.getpid())
     for option, module, extra in PLUGIN_OPTIONS:
-        if option in sys.argv[1:] and importlib.util.find_spec(module) is None:
-            sys.exit(f'error: {option} needs a Hydra plugin that is not installed: pip install "{extra}"')
-    slurm = [o for o in ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm") if o in sys.argv[1:]]
+        if option in args and importlib.util.find_spec(module) is None:
+            missing = f'{option} needs a Hydra plugin that is not installed: pip install "{extra}"'
+            _stop(launch, f"error: {missing}")
+    slurm = [o for o in ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm") if o in args]
     if slurm and shutil.which("sbatch") is None:  # submitit would fail only after the parent run exists
-        sys.exit(
+        _stop(
+            launch,
             f"error: {slurm[0]} submits each job with SLURM's sbatch, which this machine does not have: "
-            f"launch from a login node of the cluster, or try the sweep here with hydra/launcher=local"
+            f"launch from a login node of the cluster, or try the sweep here with hydra/launcher=local",
         )
     try:
-        config.check_command_line(sys.argv[1:])
+        config.check_command_line(args)
     except VisiontuneError as err:
-        sys.exit(f"error: {user_message(err)}")
-    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        _stop(launch, f"error: {user_message(err)}")
+    multirun = bool({"-m", "--multirun"} & set(args))
+    if multirun and launch is not None:
+        _stop(launch, "error: -m/--multirun cannot run under torchrun: start the sweep without torchrun")
+    if multirun:
         _sweep()
-    else:
-        main()
+        return
+    if launch is not None:
+        sys.argv += _torchrun_overrides(launch, args)
+    main()
+
+
+def _stop(launch: distributed.Launch | None, message: str) -> None:
+    """Exit 1 with `message`; under torchrun rank 0 alone prints it, not once per rank."""
+    sys.exit(message if launch is None or launch.rank == 0 else 1)
+
+
+def _torchrun_overrides(launch: distributed.Launch, args: list[str]) -> list[str]:
+    """Hydra overrides for a torchrun worker: one output folder for all ranks, written by rank 0.
+
+    ${now:...} resolves differently on each rank (hydra issue 2070), and every rank would write
+    the same .hydra/ config and train.log (hydra issue 547). TORCHELASTIC_RUN_ID is the same on
+    every rank and in every restart of the launch, so a restart finds its checkpoints there.
+    """
+    overrides = []
+    if not any(arg.startswith("hydra.run.dir=") for arg in args):
+        overrides.append(f"hydra.run.dir='outputs/runs/torchrun/{launch.run_id}'")
+    if launch.rank > 0:  # no files, and only warnings on the console
+        os.environ["TQDM_DISABLE"] = "1"
+        overrides += [
+            "hydra.output_subdir=null",
+            "hydra.job_logging.root.handlers=[console]",
+            "hydra.job_logging.root.level=WARNING",
+        ]
+    return overrides
 
 
 WORKER_DIED = (

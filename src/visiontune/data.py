@@ -399,22 +399,27 @@ class EpochShuffle(Sampler):
     """A training order that depends on (seed, epoch) alone, so a resumed run draws the same one.
 
     Each index carries its epoch (epoch * size + i), for ImageFiles to seed the image's augmentation.
+    Under torchrun each of `world` ranks takes every world-th index of the same order, padded
+    with its first indices to a multiple of `world` as DistributedSampler does: all ranks then
+    take the same number of steps, and together they see one shuffled epoch.
     """
 
-    def __init__(self, size: int, seed: int):
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1):
         self.size, self.seed, self.epoch = size, seed, 1
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return -(-self.size // self.world)
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(
             self.size, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch))
         )
-        return iter((order + self.epoch * self.size).tolist())
+        padded = order.repeat(-(-len(self) * self.world // self.size))[: len(self) * self.world]
+        return iter((padded[self.rank :: self.world] + self.epoch * self.size).tolist())
 
 
 def transforms(input_size: int) -> dict[str, v2.Compose]:
@@ -528,6 +533,9 @@ class LoaderSettings:
     # order is shuffled): models whose batch norm sees 1x1 maps crash on a batch of one.
     min_train_batch: int = 1
     train_cache_bytes: int = 0  # memory for the decoded training images (decode_once); 0: decode each epoch
+    # Under torchrun: this process's shard. batch_size is per rank.
+    rank: int = 0
+    world_size: int = 1
 
 
 def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) -> dict[str, SkippingLoader]:
@@ -538,17 +546,22 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
     # loky's, whose processes DataLoader cannot start.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else None) if workers else None
     loaders = {}
+    rank, world = settings.rank, settings.world_size
     for split in SPLITS:
         train = split == "train"
         seed = settings.seed if train else None
-        dataset = ImageFiles(samples[split], tfms[split], settings.skip_bad, settings.max_image_pixels, seed)
+        # Validation shards without the sampler's padding: every image counts once, so accuracy
+        # summed over ranks is exactly one process's.
+        shard = samples[split] if train else samples[split][rank::world]
+        dataset = ImageFiles(shard, tfms[split], settings.skip_bad, settings.max_image_pixels, seed)
         if train and settings.train_cache_bytes:  # before the workers start: they share its memory
             dataset.decoded = decode_once(dataset, settings.input_size, settings.train_cache_bytes, workers)
+        sampler = EpochShuffle(len(dataset), settings.seed, rank, world) if train else None
         loaders[split] = SkippingLoader(
             DataLoader(
                 dataset,
                 batch_size=settings.batch_size,
-                sampler=EpochShuffle(len(dataset), settings.seed) if train else None,
+                sampler=sampler,
                 num_workers=workers,
                 # Workers start once, not once per epoch and phase as in the tutorial.
                 persistent_workers=workers > 0,
@@ -556,7 +569,7 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
                 pin_memory=settings.pin_memory,
                 collate_fn=collate,
                 generator=torch.Generator().manual_seed(settings.seed),
-                drop_last=train and _short_last_batch(len(dataset), settings),
+                drop_last=train and _short_last_batch(len(sampler), settings),
                 worker_init_fn=_leave_signals_to_the_main_process,
             )
         )

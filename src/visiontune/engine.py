@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,26 +13,54 @@ import torch.fx
 from torch import nn
 from tqdm import tqdm
 
-from visiontune import VisiontuneError
+from visiontune import VisiontuneError, distributed
 from visiontune.models import PreparedModel
 
 
-def pick_device(requested: str) -> torch.device:
-    """auto (a CUDA GPU if there is one), cpu, mps, cuda or cuda:N, refused in one line if absent."""
+def pick_device(requested: str, local_rank: int | None = None, job_number: int | None = None) -> torch.device:
+    """auto (a CUDA GPU if there is one), cpu, mps, cuda or cuda:N, refused in one line if absent.
+
+    Under torchrun (`local_rank`) each rank takes its own GPU; in a sweep (`job_number`) auto
+    spreads the jobs over the GPUs.
+    """
     from visiontune.config import DEVICE
 
     if not DEVICE.fullmatch(requested):
         raise VisiontuneError(f"device {requested!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = torch.device(choose_device(requested, cuda_count, local_rank, job_number))
+    if device.type == "cuda" and not cuda_count:
         raise VisiontuneError(
             f"device {requested} was asked for but this machine has no CUDA GPU: use auto or cpu"
         )
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise VisiontuneError(f"device {requested}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "cuda" and (device.index or 0) >= cuda_count:
+        raise VisiontuneError(f"device {requested}: this machine has {cuda_count} CUDA GPU(s)")
     return device
+
+
+def choose_device(requested: str, cuda_count: int, local_rank: int | None, job_number: int | None) -> str:
+    """The device name for `requested` on a machine with `cuda_count` GPUs.
+
+    A torchrun worker uses the GPU of its LOCAL_RANK (one GPU per rank, as nccl wants); a sweep's
+    job under auto uses GPU job_number % count, so that a joblib sweep with n_jobs = GPUs puts
+    each of its parallel jobs (consecutive numbers) on a GPU of its own.
+    """
+    if requested == "auto":
+        if not cuda_count:
+            return "cpu"
+        requested = "cuda"
+    if requested != "cuda":
+        if local_rank is not None and requested.startswith("cuda:"):
+            raise VisiontuneError(
+                f"device={requested} under torchrun would put every rank on one GPU: use device=auto "
+                f"or cuda (each rank takes cuda:LOCAL_RANK)"
+            )
+        return requested
+    if local_rank is not None:
+        return f"cuda:{local_rank}"
+    if job_number is not None and cuda_count:
+        return f"cuda:{job_number % cuda_count}"
+    return "cuda"
 
 
 def make_deterministic(on: bool) -> None:
@@ -143,34 +172,51 @@ class _Tally:
         self.first_bad = torch.where(first, self.batches, self.first_bad)
 
     def result(self, seconds: float) -> PhaseResult:
-        count = max(self.count, 1)
+        """Mean loss and accuracy of the phase; under torchrun over every rank's images, reduced
+        here once per phase (sums, then the first bad batch), not once per batch."""
+        device = self.loss.device
+        loss, correct, count = distributed.sum_over_ranks(
+            [self.loss.item(), self.correct.item(), self.count], device
+        )
+        count = max(count, 1)
         first_bad = int(self.first_bad.item())
+        first_bad = distributed.min_over_ranks(first_bad if first_bad > 0 else math.inf, device)
         return PhaseResult(
-            self.loss.item() / count,
-            self.correct.item() / count,
+            loss / count,
+            correct / count,
             seconds,
-            first_nonfinite_batch=first_bad if first_bad > 0 else None,
+            first_nonfinite_batch=int(first_bad) if first_bad < math.inf else None,
             batches=self.batches,
         )
 
 
 def train_one_epoch(
-    training: Training, loader, desc: str = "train", frozen: FrozenBackbone | None = None
+    training: Training,
+    loader,
+    desc: str = "train",
+    frozen: FrozenBackbone | None = None,
+    trained: nn.Module | None = None,
 ) -> PhaseResult:
-    """One optimisation pass over `loader`; with `frozen`, the backbone runs apart from the head."""
+    """One optimisation pass over `loader`; with `frozen`, the backbone runs apart from the head.
+
+    `trained` is what the forward pass goes through: the model (or, with `frozen`, the part from
+    its head on), or that inside DistributedDataParallel.
+    """
     model, runtime = training.model, training.runtime
+    trained = trained or (frozen.tail if frozen is not None else model.module)
     start = _clock(runtime.device)
     model.train_mode()
     tally = _Tally(runtime.device)
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
         images, labels = runtime.inputs(images, labels)
         if frozen is not None:
-            logits = frozen.logits(frozen.features(images, runtime), runtime)
+            features = frozen.features(images, runtime)
             with runtime.autocast():
+                logits = trained(features)
                 loss = training.criterion(logits, labels)
         else:
             with runtime.autocast():
-                logits, loss = _training_loss(model, images, labels, training.criterion)
+                logits, loss = _training_loss(model.spec, trained, images, labels, training.criterion)
         training.optimizer.zero_grad(set_to_none=True)
         training.scaler.scale(loss).backward()
         training.scaler.step(training.optimizer)
@@ -181,15 +227,15 @@ def train_one_epoch(
     return tally.result(_clock(runtime.device) - start)
 
 
-def _training_loss(model: PreparedModel, images, labels, criterion) -> tuple[torch.Tensor, torch.Tensor]:
+def _training_loss(spec, module: nn.Module, images, labels, criterion) -> tuple[torch.Tensor, torch.Tensor]:
     """(main logits, loss). A model with an auxiliary head returns its logits too in training."""
-    if model.spec.aux_head is None:
-        logits = model.module(images)
+    if spec.aux_head is None:
+        logits = module(images)
         return logits, criterion(logits, labels)
-    logits, aux_logits = model.module(images)
+    logits, aux_logits = module(images)
     loss = criterion(logits, labels)
-    if model.spec.aux_loss_weight:
-        loss = loss + model.spec.aux_loss_weight * criterion(aux_logits, labels)
+    if spec.aux_loss_weight:
+        loss = loss + spec.aux_loss_weight * criterion(aux_logits, labels)
     return logits, loss
 
 
@@ -349,6 +395,7 @@ class Progress:
     curve: list[float] = field(default_factory=list)  # val accuracy per epoch
 
 
+@distributed.peer_loss_as_interrupt()  # under torchrun: another rank died, this run is KILLED
 def fit(
     training: Training,
     loaders: dict,
@@ -366,12 +413,12 @@ def fit(
     phases = _Phases(prepared, cache_bytes)
     for epoch in range(progress.epoch + 1, training.epochs + 1):
         tic = time.perf_counter()
-        prepared.enter_epoch(epoch)
-        split, cache = phases.for_epoch()
+        split, cache, trained = phases.for_epoch(prepared.enter_epoch(epoch))
         lrs = training.learning_rates()
         if hasattr(loaders["train"], "set_epoch"):
             loaders["train"].set_epoch(epoch)
-        tr = train_one_epoch(training, loaders["train"], desc=f"epoch {epoch} train", frozen=split)
+        tr = train_one_epoch(training, loaders["train"], f"epoch {epoch} train", split, trained)
+        distributed.average_norm_statistics(module)  # validation and checkpoints see the same ones
         if tr.first_nonfinite_batch is not None:
             raise NonFiniteLoss(_divergence(tr, epoch, lrs, training.runtime.amp_dtype == torch.float16))
         va = evaluate(
@@ -394,25 +441,38 @@ def fit(
 
 
 class _Phases:
-    """The frozen backbone's split and evaluation cache, for the epochs whose backbone is fixed."""
+    """What an epoch trains through, for what trains in it: the frozen backbone's split and its
+    evaluation cache while the backbone is fixed, and (under torchrun) DDP around what trains."""
 
     def __init__(self, prepared: PreparedModel, cache_bytes: int):
         self.prepared, self.cache_bytes = prepared, cache_bytes
         self.backbone: FrozenBackbone | None = None
         self.cache: BackboneCache | None = None
+        self.trained: nn.Module | None = None
 
-    def for_epoch(self) -> tuple[FrozenBackbone | None, BackboneCache | None]:
-        """(the training split, the evaluation cache) for the epoch entered last; both None once the
-        backbone trains, and the cache dropped then: its features no longer hold."""
-        prepared = self.prepared
+    def for_epoch(self, changed: bool) -> tuple[FrozenBackbone | None, BackboneCache | None, nn.Module]:
+        """(training split, evaluation cache, module the training step calls) for the epoch entered
+        last, whose trainable groups `changed` from the epoch before. Once the backbone trains the
+        split and cache are dropped (its features no longer hold), and DDP is wrapped anew: it
+        reduces the gradients of the parameters that trained when it was made."""
+        prepared, spec = self.prepared, self.prepared.spec
+        split = None
         if not prepared.cache_backbone:
             self.cache = None
-            return None, None
-        if self.backbone is None:
-            self.backbone = FrozenBackbone(prepared.module, prepared.spec.head)
-            self.cache = BackboneCache(self.backbone, self.cache_bytes)
-        # An auxiliary head that trains reads the backbone's middle: such a model trains whole.
-        return (self.backbone if prepared.spec.aux_head is None else None), self.cache
+        else:
+            if self.backbone is None:
+                self.backbone = FrozenBackbone(prepared.module, spec.head)
+                self.cache = BackboneCache(self.backbone, self.cache_bytes)
+            # An auxiliary head that trains reads the backbone's middle: such a model trains whole.
+            split = self.backbone if spec.aux_head is None else None
+        if changed or self.trained is None:
+            self.trained = None  # the earlier wrapper lets go of its gradient hooks first
+            # An auxiliary head that the loss ignores gets no gradient.
+            self.trained = distributed.data_parallel(
+                split.tail if split else prepared.module,
+                find_unused_parameters=spec.aux_head is not None and not spec.aux_loss_weight,
+            )
+        return split, self.cache, self.trained
 
 
 def _divergence(result: PhaseResult, epoch: int, lrs: dict[str, float], fp16: bool) -> str:

@@ -76,10 +76,15 @@ class PreparedModel:
         for name, params in self.groups.items():
             for param in params:
                 param.requires_grad_(name in trainable)
-        frozen = [p for name, params in self.groups.items() if name not in trainable for p in params]
-        self.frozen_norms = _norms_of(self.module, frozen) if self.mode.freeze_norm_stats else ()
+        self.find_frozen_norms()
         self.cache_backbone = trainable == (HEAD_GROUP,) and self.mode.freeze_norm_stats
         return True
+
+    def find_frozen_norms(self) -> None:
+        """The norm layers of the groups not training now, which keep their statistics where the
+        mode says so (found again after layers are swapped, as for SyncBatchNorm)."""
+        frozen = [p for name, params in self.groups.items() if name not in self.trainable for p in params]
+        self.frozen_norms = _norms_of(self.module, frozen) if self.mode.freeze_norm_stats else ()
 
     def unfreezes_at(self, epoch: int) -> bool:
         """Whether `epoch` trains more layer groups than the epoch before it."""

@@ -23,6 +23,7 @@ from visiontune import (
     classifier,
     config,
     data,
+    distributed,
     engine,
     models,
     optim,
@@ -65,15 +66,37 @@ class Job:
 
 
 def run(cfg: DictConfig) -> float:
-    """Train one configuration in one MLflow run (or continue one); returns its best val accuracy."""
+    """Train one configuration in one MLflow run (or continue one); returns its best val accuracy.
+
+    Under torchrun every rank trains; rank 0 alone records, and hands the others what it decided.
+    """
     job = Job.from_hydra()
-    uri = store.tracking_uri(cfg.mlflow.tracking_uri, job.launch_dir)
-    experiment_id = store.ensure_experiment(uri, cfg.mlflow.experiment_name)
-    earlier = find_earlier(cfg, job, store.open_store(uri), experiment_id)
-    if earlier.finished is not None:  # a resumed sweep's job that already ran to its end
-        log.info("already FINISHED as MLflow run %s: not trained again", earlier.finished.info.run_id)
-        return earlier.finished.data.metrics.get("best_val_acc", 0.0)
-    return train(cfg, job, uri, experiment_id, earlier)
+    launch = distributed.Launch.from_env()
+    device = engine.pick_device(str(cfg.device), launch.local_rank if launch else None, job.number)
+    with distributed.process_group(launch, device):
+        if not distributed.is_main():
+            return follow(cfg, job, device, distributed.broadcast(None))
+        uri = store.tracking_uri(cfg.mlflow.tracking_uri, job.launch_dir)
+        experiment_id = store.ensure_experiment(uri, cfg.mlflow.experiment_name)
+        client = store.open_store(uri)
+        if launch is not None and launch.restart_count > 0:
+            earlier = after_restart(job, client, experiment_id)
+        else:
+            earlier = find_earlier(cfg, job, client, experiment_id)
+        distributed.broadcast(Plan(earlier.finished is None, earlier.saved.folder if earlier.saved else None))
+        if earlier.finished is not None:  # a resumed sweep's job (or a restart) that already ran to its end
+            log.info("already FINISHED as MLflow run %s: not trained again", earlier.finished.info.run_id)
+            return earlier.finished.data.metrics.get("best_val_acc", 0.0)
+        return train(cfg, job, uri, experiment_id, earlier, device)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What rank 0 decided for the other torchrun ranks: whether to train, and from which checkpoint
+    (every rank loads the same one)."""
+
+    train: bool
+    checkpoint: Path | None
 
 
 @dataclass(frozen=True)
@@ -115,7 +138,23 @@ def started_before(job: Job) -> bool:
     return requeued or (job.output_dir / "checkpoints" / checkpoint.LAST).is_file()
 
 
-def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earlier) -> float:
+def after_restart(job: Job, client, experiment_id: str) -> Earlier:
+    """torchrun --max-restarts restarted the workers: continue the run this launch started, from
+    the last checkpoint in its output folder (shared by every attempt: the folder is named by
+    TORCHELASTIC_RUN_ID). A run killed before its first checkpoint starts over in the same run."""
+    folder = job.output_dir / "checkpoints"
+    query = f"tags.`{checkpoint.FOLDER_TAG}` = '{folder}'"
+    runs = client.search_runs([experiment_id], query, max_results=1)
+    if not runs:  # killed before its run was recorded (or checkpoint.every_epochs=0)
+        return Earlier()
+    if runs[0].info.status == "FINISHED":
+        return Earlier(finished=runs[0])
+    saved = checkpoint.read(folder) if (folder / checkpoint.LAST).is_file() else None
+    log.info("torchrun restarted the workers: continuing MLflow run %s", runs[0].info.run_id)
+    return Earlier(saved, runs[0].info.run_id)
+
+
+def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earlier, device) -> float:
     """The run's steps: open it, check the data, prepare the model, fit, record."""
     saved, continued = earlier.saved, earlier.run_id
     cfg = checkpoint.resumed_config(saved, cfg, job.overrides) if saved else cfg
@@ -126,15 +165,9 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
         try:
             config.check_values(cfg)  # the CLI checked a single run's values; a sweep's job is a FAILED child
             record_start(cfg, job, continued, mode)
-            device = engine.pick_device(str(cfg.device))
-            checked = check_data(cfg.data, job.launch_dir)
-            engine.make_deterministic(cfg.deterministic)
-            torch.manual_seed(cfg.seed)
-            weights = models.resolve_weights(spec.arch, cfg.model.weights, job.launch_dir)
-            prepared = models.prepare(spec, mode, len(checked.classes), weights)
-            announce(prepared, mode, checked, device)
-            loaders = build_loaders(cfg, checked, prepared, device)
-            training = build_training(cfg, prepared, device, steps_per_epoch=len(loaders["train"]))
+            setup = set_up(cfg, job, spec, mode, device)
+            checked, prepared = setup.checked, setup.prepared
+            loaders, training = setup.loaders, setup.training
             if continued is None:  # a continued run keeps the params and inputs it started with
                 digests = store.log_datasets(checked.root, checked.classes, checked.samples)
                 store.log_params(run_params(cfg, checked, prepared, device) | digests)
@@ -142,7 +175,8 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
             progress = resume_progress(saved, training, run_id)
             on_epoch = EpochRecorder(cfg, job.output_dir / "checkpoints", training, run_id, saved)
             result = engine.fit(training, loaders, cfg.data.cache_mb * 2**20, on_epoch, progress)
-            store.log_metrics({"skipped_images": skipped_images(checked, loaders)})
+            same_on_every_rank(prepared.module)
+            store.log_metrics({"skipped_images": skipped_images(checked, loaders, device)})
             record(result, label)
             if cfg.mlflow.log_model:
                 # A sweep registers only its best child, at its end (sweep.py).
@@ -158,6 +192,49 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
     model = f"; its model: runs:/{run_id}/model" if cfg.mlflow.log_model else ""
     log.info("MLflow run %s FINISHED%s", run_id, model)
     return result.best_acc
+
+
+def follow(cfg: DictConfig, job: Job, device, plan: Plan) -> float:
+    """A torchrun rank other than 0: train() without recording anything, as rank 0 planned."""
+    if not plan.train:
+        return 0.0
+    saved = checkpoint.read(plan.checkpoint) if plan.checkpoint else None
+    cfg = checkpoint.resumed_config(saved, cfg, job.overrides) if saved else cfg
+    setup = set_up(cfg, job, config.model_spec(cfg.model), config.mode_of(cfg.mode), device)
+    progress = checkpoint.restore(saved, setup.training) if saved else None
+    result = engine.fit(setup.training, setup.loaders, cfg.data.cache_mb * 2**20, progress=progress)
+    same_on_every_rank(setup.prepared.module)
+    skipped_images(setup.checked, setup.loaders, device)  # rank 0 logs the sum
+    return result.best_acc
+
+
+@dataclass(frozen=True)
+class SetUp:
+    """What every rank builds alike: the checked data, the model, its loaders and its training."""
+
+    checked: data.CheckedData
+    prepared: models.PreparedModel
+    loaders: dict
+    training: engine.Training
+
+
+def set_up(cfg: DictConfig, job: Job, spec: config.ModelSpec, mode: Mode, device) -> SetUp:
+    checked = check_data(cfg.data, job.launch_dir)
+    engine.make_deterministic(cfg.deterministic)
+    torch.manual_seed(cfg.seed)  # every rank starts from the same weights (DDP also copies rank 0's)
+    weights = models.resolve_weights(spec.arch, cfg.model.weights, job.launch_dir)
+    prepared = models.prepare(spec, mode, len(checked.classes), weights)
+    announce(prepared, mode, checked, device)
+    loaders = build_loaders(cfg, checked, prepared, device)
+    training = build_training(cfg, prepared, device, steps_per_epoch=len(loaders["train"]))
+    return SetUp(checked, prepared, loaders, training)
+
+
+def same_on_every_rank(module: torch.nn.Module) -> None:
+    """Under torchrun: the trained weights checked to be identical on every rank, or the run fails."""
+    if distributed.world_size() > 1:
+        digest = distributed.same_weights_everywhere(module)
+        log.info("final weights identical on all %d ranks (sha256 %s)", distributed.world_size(), digest)
 
 
 def run_start(
@@ -199,7 +276,13 @@ def resume_progress(saved, training: engine.Training, run_id: str) -> engine.Pro
 
 def say_how_to_resume(run_id: str, folder: Path) -> None:
     if (folder / checkpoint.LAST).is_file():
-        command = f"visiontune-train resume={run_id}"
+        launch = distributed.Launch.from_env()
+        start = (
+            f"torchrun --standalone --nproc_per_node={launch.world_size} -m visiontune.train"
+            if launch
+            else ""
+        )
+        command = f"{start or 'visiontune-train'} resume={run_id}"
         store.set_tags({checkpoint.RESUME_TAG: command})
         log.info("stopped; continue it with: %s", command)
 
@@ -231,7 +314,8 @@ def run_tags(cfg: DictConfig, job: Job) -> dict[str, str]:
 def check_data(data_cfg: DictConfig, launch_dir: Path) -> data.CheckedData:
     """The data folder (downloaded first where it is missing and a URL is known), checked."""
     root = (launch_dir / data_cfg.root).resolve()
-    data.prepare_root(root, data_cfg.url, data_cfg.md5, data_cfg.tree_sha256)
+    with distributed.main_first():  # under torchrun one rank downloads; the others find the folder
+        data.prepare_root(root, data_cfg.url, data_cfg.md5, data_cfg.tree_sha256)
     return data.check_folder(root, data_cfg.skip_bad_images, data_cfg.get("max_image_pixels"))
 
 
@@ -257,6 +341,10 @@ def run_params(cfg: DictConfig, checked: data.CheckedData, prepared: models.Prep
             "trainable_params": trainable,
             "total_params": total,
             "device_used": str(device),
+            # batch_size is per rank, as in timm: each optimiser step sees world_size times as many images.
+            "world_size": distributed.world_size(),
+            "batch_size_per_rank": cfg.batch_size,
+            "global_batch_size": cfg.batch_size * distributed.world_size(),
         }
     )
 
@@ -304,9 +392,10 @@ def git_state(folder: Path) -> dict[str, str]:
 def announce(prepared: models.PreparedModel, mode: Mode, checked: data.CheckedData, device) -> None:
     trainable, total = prepared.parameter_counts()
     counts = {split: len(samples) for split, samples in checked.samples.items()}
+    ranks = f" x {distributed.world_size()} ranks" if distributed.world_size() > 1 else ""
     log.info(
-        "%s %s on %s: %d classes, %d train / %d val images, %s of %s parameters train",
-        *(prepared.spec.name, mode.name, device, len(checked.classes), counts["train"], counts["val"]),
+        "%s %s on %s%s: %d classes, %d train / %d val images, %s of %s parameters train",
+        *(prepared.spec.name, mode.name, device, ranks, len(checked.classes), counts["train"], counts["val"]),
         *(f"{trainable:,}", f"{total:,}"),
     )
 
@@ -335,6 +424,8 @@ def build_loaders(cfg: DictConfig, checked: data.CheckedData, prepared: models.P
         max_image_pixels=cfg.data.get("max_image_pixels"),
         min_train_batch=prepared.spec.min_batch_size,
         train_cache_bytes=max(0, budget - min(val_bytes, budget)),
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
     )
     loaders = data.build_loaders(checked.samples, settings)
     if replay_val:
@@ -359,6 +450,12 @@ def build_training(
         frozen = f", frozen backbone {name[frozen_amp_dtype]}" if prepared.has_frozen_backbone else ""
         log.info("precision: training %s%s; channels_last %s", name[amp_dtype], frozen, channels_last)
     prepared.module.to(device, memory_format=layout)
+    # Norms that learn their statistics (finetune, scratch, staged once unfrozen) compute them over
+    # every rank's images. feature_extract's frozen norms keep ImageNet's statistics in eval mode:
+    # the same on every rank already.
+    if prepared.mode.train_backbone and distributed.sync_batchnorm(prepared.module, device):
+        prepared.find_frozen_norms()  # the layers were swapped; frozen groups' ones stay in eval mode
+        log.info("BatchNorm layers synchronised across ranks (SyncBatchNorm)")
     optimizer = optim.build_optimizer(cfg.optimizer, prepared)
     scheduler, per_batch = optim.build_scheduler(cfg.scheduler, optimizer, cfg.epochs, steps_per_epoch)
     return engine.Training(
@@ -416,9 +513,11 @@ class EpochRecorder:
         )
 
 
-def skipped_images(checked: data.CheckedData, loaders: dict) -> int:
-    """Images left out: unreadable headers found up front, and images that failed to decode."""
-    return checked.skipped + sum(loader.skipped for loader in loaders.values())
+def skipped_images(checked: data.CheckedData, loaders: dict, device) -> int:
+    """Images left out: unreadable headers found up front, and images that failed to decode (on
+    any rank: each decodes its own shard; every rank must call this under torchrun)."""
+    decoded = distributed.sum_over_ranks([sum(loader.skipped for loader in loaders.values())], device)
+    return checked.skipped + int(decoded[0])
 
 
 def record(result: engine.FitResult, label: str) -> None:
@@ -437,6 +536,7 @@ def log_model(prepared: models.PreparedModel, classes: list[str], val_loader, re
     from torchvision.io import encode_jpeg
 
     spec = prepared.spec
+    distributed.plain_batchnorm(prepared.module)  # the logged model runs in one process
     model = classifier.Classifier(prepared.module, classes, spec.input_size, spec.name, spec.arch)
     image = next(iter(val_loader))[0][0].cpu()
     example = encode_jpeg(image, quality=90).numpy().tobytes()
