@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -248,6 +249,39 @@ def test_a_requeued_sweep_job_counts_as_started_before(tmp_path, monkeypatch):
     (tmp_path / "0" / "checkpoints").mkdir(parents=True)
     (tmp_path / "0" / "checkpoints" / "last.pt").write_bytes(b"")
     assert started_before(job)
+
+
+def test_a_sweep_job_still_training_under_submitit_is_not_continued_twice(tmp_path):
+    """resume=last while a job of the stopped sweep still trains (its siblings were killed): the
+    new job refuses, where continuing the same run from two processes would log epochs twice."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import compose_cfg
+    from visiontune import VisiontuneError, pipeline, sweep
+
+    uri = store.tracking_uri(None, tmp_path)
+    experiment_id = store.ensure_experiment(uri, "visiontune")
+    parent = store.ParentRun.start(uri, experiment_id, "sweep-x", {})
+    sweep.write_handoff(tmp_path / "sweep", parent.run_id, ["seed"])
+    job = pipeline.Job(
+        tmp_path, tmp_path / "sweep" / "0", tmp_path / "x.log", {}, ["seed=1"], 0, tmp_path / "sweep"
+    )
+    # A submitit job's command line names submitit, not visiontune: it still counts as alive.
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit.core._submit"])
+    try:
+        tags = {
+            "mlflow.parentRunId": parent.run_id,
+            store.JOB_TAG: sweep.overrides_key(["seed=1"]),
+            store.PROCESS_TAG: f"{socket.gethostname()}:{trainer.pid}",
+        }
+        child = MlflowClient(uri).create_run(experiment_id, run_name="squeezenet-scratch #0", tags=tags)
+        with pytest.raises(VisiontuneError, match="is still being trained by process"):
+            pipeline.find_earlier(compose_cfg("resume=last"), job, store.open_store(uri), experiment_id)
+    finally:
+        trainer.kill()
+        trainer.wait()
+    earlier = pipeline.find_earlier(compose_cfg("resume=last"), job, store.open_store(uri), experiment_id)
+    assert earlier.run_id == child.info.run_id, "once that process is gone, the job continues its run"
 
 
 # --- one MLflow server for every job -------------------------------------------------------------

@@ -159,16 +159,21 @@ def _may_differ(key: str) -> bool:
 def find(value: str, client, experiment_id: str, cfg: DictConfig) -> Saved:
     """The checkpoint that `resume=<value>` names, of a run no live process is still writing."""
     saved = _find(value, client, experiment_id, cfg)
+    refuse_if_training(client.get_run(saved.run_id), f"resume={value}")
+    return saved
+
+
+def refuse_if_training(run, why: str) -> None:
+    """Stop where a live process on this host still trains `run`: continued twice at once, it
+    would log every epoch twice."""
     from visiontune.runs import process_state
 
-    run = client.get_run(saved.run_id)
     process = run.data.tags.get(store.PROCESS_TAG)
     if run.info.status == "RUNNING" and process_state(process) == "alive":
         raise VisiontuneError(
-            f"resume={value}: run {saved.run_id} is still being trained by process {process}; "
-            f"stop that one first (a run continued twice at once would log every epoch twice)"
+            f"{why}: run {run.info.run_id} is still being trained by process {process}; "
+            f"let it end or stop it first (a run continued twice at once would log every epoch twice)"
         )
-    return saved
 
 
 def _find(value: str, client, experiment_id: str, cfg: DictConfig) -> Saved:

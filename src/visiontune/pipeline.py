@@ -124,6 +124,7 @@ def find_earlier(cfg: DictConfig, job: Job, client, experiment_id: str) -> Earli
         return Earlier()
     if child.info.status == "FINISHED":
         return Earlier(finished=child)
+    checkpoint.refuse_if_training(child, f"resume={cfg.resume}" if cfg.resume else "a requeued job")
     folder = Path(child.data.tags.get(store.CHECKPOINT_TAG, "/nonexistent"))
     saved = checkpoint.read(folder) if (folder / checkpoint.LAST).is_file() else None
     return Earlier(saved, child.info.run_id)  # without a checkpoint: the same run, from its start

@@ -23,7 +23,10 @@ def process_state(tag: str | None) -> str:
         return "unknown"
     cmdline = Path(f"/proc/{pid}/cmdline")
     try:
-        alive = b"visiontune" in cmdline.read_bytes()  # a reused pid belongs to another program
+        # A reused pid belongs to another program. A sweep job that submitit started runs as
+        # `python -m submitit.core._submit <folder>`, without visiontune in its command line.
+        command = cmdline.read_bytes()
+        alive = b"visiontune" in command or b"submitit" in command
     except OSError:
         return "dead"
     return "alive" if alive else "dead"
