@@ -324,6 +324,7 @@ def test_cli_starts_without_importing_torch_or_mlflow():
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow  # waits out the store's two-minute retry window in part; unwritable stores run by default
 def test_a_store_locked_mid_run_never_records_the_run_as_finished(tmp_path, tiny_folder):
     """Another program holds the SQLite file past MLflow's 20 s wait: FAILED once it lets go."""
     import sqlite3
@@ -348,6 +349,7 @@ def test_a_store_locked_mid_run_never_records_the_run_as_finished(tmp_path, tiny
     assert run.info.status == "FAILED" and "database is locked" in run.data.tags["error"]
 
 
+@pytest.mark.slow  # four trainings at once (26 s); -m slow runs it
 def test_four_launches_in_the_same_second_keep_their_own_folders(tmp_path, tiny_folder):
     import subprocess
     import sys

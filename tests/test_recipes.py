@@ -213,8 +213,14 @@ def test_the_four_mode_comparison_with_staged_unfreezing_and_one_cycle(
     steps_per_epoch = 3  # 12 training images, batch 4
     reference = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.001)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        reference, 0.001, total_steps=2 * steps_per_epoch, pct_start=0.25, div_factor=25, final_div_factor=1e5
+        reference,
+        0.001,
+        total_steps=2 * steps_per_epoch,
+        pct_start=2 / 6,
+        div_factor=25,
+        final_div_factor=1e5,
     )
+    # 6 steps in all: the warm-up takes 2 of them (0.25 x 6 would leave torch 0.5 of a step).
     expected = []
     for step in range(2 * steps_per_epoch):
         if step % steps_per_epoch == 0:
@@ -253,3 +259,19 @@ def test_two_deterministic_runs_log_identical_metrics(tmp_path, tiny_folder):
     )
     assert first == second and len(first["train_loss"]) == 2
     assert {"version.torch", "version.visiontune", "data.train_digest"} <= set(runs[0].data.params)
+
+
+def test_one_cycle_on_a_short_run_warms_up_over_two_steps_or_says_it_is_too_short():
+    from visiontune import VisiontuneError
+
+    cfg = compose_cfg("scheduler=onecycle").scheduler
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler, _ = optim.build_scheduler(cfg, optimizer, epochs=2, steps_per_epoch=2)  # torch: ÷0
+    seen = []
+    for _ in range(4):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen[1] == pytest.approx(0.1) and seen[0] < seen[1] and seen[3] < seen[1]
+    with pytest.raises(VisiontuneError, match="needs at least 4 training steps, this run has 3"):
+        optim.build_scheduler(cfg, optimizer, epochs=1, steps_per_epoch=3)

@@ -8,6 +8,7 @@ can go without weight decay. A schedule says whether it steps per epoch or per b
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 
@@ -15,7 +16,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from visiontune import VisiontuneError
 from visiontune.models import PreparedModel
+
+log = logging.getLogger("visiontune")
+MIN_ONE_CYCLE_STEPS = 4  # 2 to warm up, 2 to anneal
 
 # Keys of the optimizer and scheduler groups that visiontune reads, not the torch class.
 OPTIMIZER_KEYS = ("lr_decay", "decay_norm_and_bias")
@@ -70,7 +75,24 @@ def one_cycle(
     """torch's OneCycleLR peaking at each group's own rate (so layer-wise rates keep their spread);
     `settings` (pct_start, div_factor, ...) as conf/scheduler/onecycle.yaml gives them."""
     max_lr = [group["lr"] for group in optimizer.param_groups]
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps, **settings)
+    if total_steps < MIN_ONE_CYCLE_STEPS:
+        raise VisiontuneError(
+            f"scheduler=onecycle needs at least {MIN_ONE_CYCLE_STEPS} training steps, this run has "
+            f"{total_steps} (epochs x batches per epoch): raise epochs, lower batch_size, or use "
+            f"another scheduler"
+        )
+    # torch divides by the warm-up's length in steps less one: a short run needs 2 steps of it.
+    pct_start = settings.pop("pct_start", 0.3)
+    if pct_start * total_steps < 2:
+        log.warning(
+            "onecycle: %d steps in all, so the warm-up takes 2 of them (pct_start=%g asked)",
+            total_steps,
+            pct_start,
+        )
+        pct_start = 2 / total_steps
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr, total_steps, pct_start=pct_start, **settings
+    )
 
 
 def cosine(
