@@ -436,6 +436,10 @@ def fit(
         seconds = time.perf_counter() - tic
         report = EpochReport(epoch, tr, va, lrs, seconds, improved, prepared.trainable)
         on_epoch(report, progress)
+    # Under torchrun the last epoch's weights must agree on every rank: the best epoch's may agree
+    # only because it came before a stage whose gradients went unreduced.
+    if distributed.world_size() > 1:
+        distributed.same_weights_everywhere(module)
     module.load_state_dict(progress.best_state)
     return FitResult(progress.best_acc, progress.best_epoch, progress.curve)
 
