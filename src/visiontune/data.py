@@ -302,7 +302,6 @@ class ImageFiles(Dataset):
         skip_bad: bool = False,
         max_image_pixels: int | None = None,
         seed: int | None = None,
-        decoded: list[torch.Tensor | None] | None = None,
     ):
         self.samples = list(samples)
         # With a seed, each image's random augmentation is drawn from (seed, epoch, index) alone
@@ -311,7 +310,7 @@ class ImageFiles(Dataset):
         self.transform = transform
         self.skip_bad = skip_bad
         self.max_image_pixels = max_image_pixels
-        self.decoded = decoded
+        self.decoded: list[torch.Tensor | None] | None = None  # set by build_loaders where it fits
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -22,10 +22,6 @@ from visiontune.models import PreparedModel
 log = logging.getLogger("visiontune")
 MIN_ONE_CYCLE_STEPS = 4  # 2 to warm up, 2 to anneal
 
-# Keys of the optimizer and scheduler groups that visiontune reads, not the torch class.
-OPTIMIZER_KEYS = ("lr_decay", "decay_norm_and_bias")
-SCHEDULER_KEYS = ("interval",)
-
 
 def group_rates(prepared: PreparedModel, lr: float, lr_decay: float) -> dict[str, float]:
     """Each layer group that trains in some epoch, with its rate: lr at the head, times lr_decay
