@@ -537,3 +537,35 @@ def test_auto_precision_and_layout_follow_the_mode_on_this_cpu(mode, standin_wei
     assert runtime.amp_dtype is None, "training itself stays float32 on a CPU"
     assert runtime.frozen_amp_dtype == (torch.bfloat16 if bf16_cpu else None)
     assert runtime.channels_last == uses_bf16
+
+
+def test_a_frozen_backbone_on_larger_batches_gives_the_same_run(tmp_path, tiny_folder, standin_weights):
+    """backbone_batch_size only changes how many images the frozen backbone takes at once: every
+    logged loss and accuracy is the same, dropout in squeezenet's frozen classifier included."""
+    weights = standin_weights("squeezenet1_0")
+    histories = []
+    for images in (4, 12):
+        cwd = tmp_path / str(images)
+        cwd.mkdir()
+        result = run_cli(
+            cwd, f"data.root={tiny_folder}", "data=imagefolder", f"model.weights={weights}", *FAST[1:],
+            "epochs=2", "precision=off", "channels_last=false", f"backbone_batch_size={images}",
+            "mlflow.log_model=false",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"frozen backbone: {images // 4} batch(es) per pass in training" in result.stderr
+        (run,) = store_runs(cwd / "outputs" / "mlflow.db")
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")
+        histories.append(
+            {
+                key: [
+                    m.value
+                    for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+                ]
+                for key in ("train_loss", "train_acc", "val_loss", "val_acc")
+            }
+        )
+    assert len(histories[0]["train_loss"]) == 2
+    assert histories[0] == histories[1]

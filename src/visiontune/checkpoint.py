@@ -23,8 +23,17 @@ from visiontune import VisiontuneError, engine, store
 
 LAST, BEST = "last.pt", "best.pt"
 # Keys that may change on resume: how long it trains, and what does not change the numbers
-# (where the run is recorded, how many processes decode; results do not depend on the latter).
-MAY_DIFFER = ("epochs", "resume", "checkpoint.", "mlflow.", "num_workers", "data.cache_mb")
+# (where the run is recorded, how many processes decode, how many images a frozen backbone
+# takes at once; results do not depend on the latter).
+MAY_DIFFER = (
+    "epochs",
+    "resume",
+    "checkpoint.",
+    "mlflow.",
+    "num_workers",
+    "data.cache_mb",
+    "backbone_batch_size",
+)
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,12 @@ def check_values(cfg: DictConfig) -> None:
         raise VisiontuneError(f"precision={cfg.precision} must be one of {', '.join(PRECISIONS)}")
     if cfg.channels_last not in (True, False, "auto"):
         raise VisiontuneError(f"channels_last={cfg.channels_last} must be auto, true or false")
+    backbone = cfg.get("backbone_batch_size", "auto")
+    if backbone != "auto" and (isinstance(backbone, bool) or not isinstance(backbone, int) or backbone < 1):
+        raise VisiontuneError(
+            f"backbone_batch_size={backbone} must be auto or a whole number of images, 1 or more "
+            f"(it is rounded down to a multiple of batch_size={cfg.batch_size})"
+        )
     if cfg.deterministic not in (True, False):
         raise VisiontuneError(f"deterministic={cfg.deterministic} must be true or false")
     smoothing = cfg.loss.label_smoothing

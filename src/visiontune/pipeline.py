@@ -470,7 +470,14 @@ def build_training(
         ),
         epochs=cfg.epochs,
         scheduler_per_batch=per_batch,
+        backbone_batches=backbone_batches(cfg),
     )
+
+
+def backbone_batches(cfg: DictConfig) -> int | None:
+    """Batches per frozen-backbone pass in training for backbone_batch_size=<images>; None: auto."""
+    images = cfg.get("backbone_batch_size", "auto")
+    return None if images == "auto" else max(1, images // cfg.batch_size)
 
 
 class EpochRecorder:
