@@ -38,6 +38,7 @@ def test_an_aux_loss_weight_needs_an_aux_head():
         ("optimizer.lr=-1", "optimizer.lr=-1 must be a positive number"),
         ("precision=fp8", "precision=fp8 must be one of auto, off, bf16, fp16"),
         ("channels_last=maybe", "channels_last=maybe must be auto, true or false"),
+        ("compile=yes", "compile=yes must be true or false"),
         ("backbone_batch_size=0", "backbone_batch_size=0 must be auto or a whole number of images"),
         ("backbone_batch_size=lots", "backbone_batch_size=lots must be auto or a whole number of images"),
         ("model.input_size=64", "model.input_size=64 is too small for inception"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -184,3 +186,25 @@ def test_device_choice_by_torchrun_rank_and_sweep_job(requested, cuda_count, loc
 def test_one_gpu_named_for_every_torchrun_rank_is_refused():
     with pytest.raises(engine.VisiontuneError, match="every rank on one GPU"):
         engine.choose_device("cuda:0", 2, 1, None)
+
+
+def test_compile_trains_the_models_own_weights_like_the_plain_loop():
+    """compile=true: torch.compile'd training and validation update and score the same module,
+    to float rounding."""
+    images = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    loaders = {"train": [(images, torch.tensor([0, 1] * 4))], "val": [(images, torch.tensor([0, 1] * 4))]}
+    results = []
+    torch._dynamo.reset()
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        training = dataclasses.replace(
+            cpu_training(tiny_prepared(model), optimizer, epochs=2), compile=compile
+        )
+        curve = engine.fit(training, loaders).val_curve
+        results.append((curve, [p.detach().clone() for p in model.parameters()]))
+    (curve, weights), (compiled_curve, compiled_weights) = results
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2, "training and validation compiled"
+    assert compiled_curve == curve
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(weights, compiled_weights, strict=True))

@@ -140,6 +140,8 @@ def check_values(cfg: DictConfig) -> None:
             f"backbone_batch_size={backbone} must be auto or a whole number of images, 1 or more "
             f"(it is rounded down to a multiple of batch_size={cfg.batch_size})"
         )
+    if cfg.get("compile", False) not in (True, False):
+        raise VisiontuneError(f"compile={cfg.compile} must be true or false")
     if cfg.deterministic not in (True, False):
         raise VisiontuneError(f"deterministic={cfg.deterministic} must be true or false")
     smoothing = cfg.loss.label_smoothing

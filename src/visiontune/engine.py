@@ -151,6 +151,7 @@ class Training:
     # Batches a frozen backbone (feature_extract) runs at once in training; None: sized to the
     # device on the first batch (batches_per_pass). The steps stay one per batch either way.
     backbone_batches: int | None = None
+    compile: bool = False  # torch.compile what the training step and validation call
 
     def learning_rates(self) -> dict[str, float]:
         """The rate of each layer group the optimiser holds (its parameter groups' `name`)."""
@@ -212,7 +213,8 @@ def train_one_epoch(
     or that inside DistributedDataParallel.
     """
     model, runtime = training.model, training.runtime
-    trained = trained or (frozen.rest if frozen is not None else model.module)
+    if trained is None:
+        trained = frozen.rest if frozen is not None else model.module
     start = _clock(runtime.device)
     model.train_mode()
     tally = _Tally(runtime.device)
@@ -508,7 +510,7 @@ def fit(
     """
     prepared, module = training.model, training.model.module
     progress = progress or Progress()
-    phases = _Phases(prepared, cache_bytes)
+    phases = _Phases(prepared, cache_bytes, training.compile)
     for epoch in range(progress.epoch + 1, training.epochs + 1):
         tic = time.perf_counter()
         split, cache, trained = phases.for_epoch(prepared.enter_epoch(epoch))
@@ -521,7 +523,12 @@ def fit(
         if tr.first_nonfinite_batch is not None:
             raise NonFiniteLoss(_divergence(tr, epoch, lrs, training.runtime.amp_dtype == torch.float16))
         va = evaluate(
-            module, loaders["val"], training.criterion, training.runtime, f"epoch {epoch} val", cache=cache
+            phases.evaluated,
+            loaders["val"],
+            training.criterion,
+            training.runtime,
+            f"epoch {epoch} val",
+            cache,
         )
         if training.scheduler is not None and not training.scheduler_per_batch:
             training.scheduler.step()
@@ -547,11 +554,16 @@ class _Phases:
     """What an epoch trains through, for what trains in it: the frozen backbone's split and its
     evaluation cache while the backbone is fixed, and (under torchrun) DDP around what trains."""
 
-    def __init__(self, prepared: PreparedModel, cache_bytes: int):
-        self.prepared, self.cache_bytes = prepared, cache_bytes
+    def __init__(self, prepared: PreparedModel, cache_bytes: int, compile: bool = False):
+        self.prepared, self.cache_bytes, self.compile = prepared, cache_bytes, compile
         self.backbone: FrozenBackbone | None = None
         self.cache: BackboneCache | None = None
         self.trained: nn.Module | None = None
+        # What validation calls without a cache: torch.compile keeps a graph per mode, eval's too.
+        self.evaluated = self._compiled(prepared.module)
+
+    def _compiled(self, module: nn.Module) -> nn.Module:
+        return torch.compile(module) if self.compile else module
 
     def for_epoch(self, changed: bool) -> tuple[FrozenBackbone | None, BackboneCache | None, nn.Module]:
         """(training split, evaluation cache, module the training step calls) for the epoch entered
@@ -565,14 +577,17 @@ class _Phases:
         else:
             if self.backbone is None:
                 self.backbone = FrozenBackbone(prepared.module, spec.heads)
+                self.backbone.train_stem = self._compiled(self.backbone.train_stem)
                 self.cache = BackboneCache(self.backbone, self.cache_bytes)
             split = self.backbone
         if changed or self.trained is None:
             self.trained = None  # the earlier wrapper lets go of its gradient hooks first
             # An auxiliary head that the loss ignores gets no gradient.
-            self.trained = distributed.data_parallel(
-                split.rest if split else prepared.module,
-                find_unused_parameters=spec.aux_head is not None and not spec.aux_loss_weight,
+            self.trained = self._compiled(
+                distributed.data_parallel(
+                    split.rest if split else prepared.module,
+                    find_unused_parameters=spec.aux_head is not None and not spec.aux_loss_weight,
+                )
             )
         return split, self.cache, self.trained
 

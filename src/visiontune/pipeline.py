@@ -471,6 +471,7 @@ def build_training(
         epochs=cfg.epochs,
         scheduler_per_batch=per_batch,
         backbone_batches=backbone_batches(cfg),
+        compile=cfg.get("compile", False),
     )
 
 
