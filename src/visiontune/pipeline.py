@@ -420,7 +420,7 @@ def build_loaders(cfg: DictConfig, checked: data.CheckedData, prepared: models.P
     requested = cfg.data.get("gpu_augment", False)
     gpu_augment = augment.enabled(requested, device)
     where = f"drawn in the data workers, rendered on {device}" if gpu_augment else "in the data workers"
-    log.info("training crops and flips: %s (data.gpu_augment=%s)", where, requested)
+    log.info("training crops and flips: %s (data.gpu_augment=%s)", where, str(requested).lower())
     settings = data.LoaderSettings(
         input_size=input_size,
         batch_size=cfg.batch_size,
