@@ -173,6 +173,19 @@ def test_a_shrunk_image_renders_close_to_cropping_the_full_one(photos):
         assert off.mean() < 1.5 and off.max() <= 10
 
 
+def test_boxes_at_the_edges_of_shrunk_images_never_reach_the_padding():
+    """Boxes scaled by uneven factors, up to each edge, next to a larger image: a flat grey comes
+    out flat, with no zeros from the padding mixed in."""
+    images = [torch.full((3, h, w), 200, dtype=torch.uint8) for h, w in [(160, 64), (64, 106), (250, 250)]]
+    crops = []
+    for pixels, (height, width) in zip(images, [(200, 80), (96, 160), (250, 250)], strict=True):
+        sy, sx = pixels.shape[1] / height, pixels.shape[2] / width
+        for top, left in [(0, 0), (13, 7), (height - 37, width - 29)]:
+            box = (top * sy, left * sx, (height - top) * sy, (width - left) * sx)
+            crops.append(augment.Crop(pixels, box, top % 2 == 1, SIZE))
+    assert torch.equal(augment.collate(crops).render(), torch.full((len(crops), 3, SIZE, SIZE), 200.0))
+
+
 def test_the_batch_travels_like_a_tensor():
     crops = [augment.Crop(torch.full((3, 5, 7), 9, dtype=torch.uint8), (0.0, 0.0, 5.0, 7.0), False, 4)]
     batch = augment.collate(crops)

@@ -119,8 +119,11 @@ def resize_weights(start: torch.Tensor, length: torch.Tensor, extent: int, size:
     pixel = torch.arange(extent, device=start.device, dtype=start.dtype)[None, None, :]
     centre = (out + 0.5) * scale  # in the box's coordinates
     weights = (1 - ((pixel + 0.5 - start - centre) / support).abs()).clamp(min=0)
-    # The pixels the box covers; for a whole-pixel box exactly [start, start + length).
-    inside = (pixel >= start.floor()) & (pixel < (start + length).ceil())
+    # The pixels the box covers; for a whole-pixel box exactly [start, start + length). The
+    # slack is insurance: a box scaled to a shrunk image's edge whose end rounded a hair beyond
+    # it would take in a padded (black) pixel.
+    slack = 1e-3
+    inside = (pixel >= (start + slack).floor()) & (pixel < (start + length - slack).ceil())
     weights = weights * inside
     return weights / weights.sum(2, keepdim=True)
 
