@@ -144,6 +144,12 @@ def check_values(cfg: DictConfig) -> None:
         raise VisiontuneError(f"compile={cfg.compile} must be true or false")
     if cfg.deterministic not in (True, False):
         raise VisiontuneError(f"deterministic={cfg.deterministic} must be true or false")
+    gpu_augment = cfg.data.get("gpu_augment", False)
+    if not (isinstance(gpu_augment, bool) or gpu_augment == "auto"):  # 1 == True: not a flag here
+        raise VisiontuneError(
+            f"data.gpu_augment={gpu_augment} must be auto (crops rendered on a CUDA device), "
+            f"true (on any device) or false (in the data workers)"
+        )
     smoothing = cfg.loss.label_smoothing
     if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing < 1:
         raise VisiontuneError(

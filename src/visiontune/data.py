@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from visiontune import VisiontuneError
+from visiontune import VisiontuneError, augment
 
 log = logging.getLogger(__name__)
 
@@ -357,15 +357,11 @@ def decode_once(dataset: ImageFiles, input_size: int, max_bytes: int, threads: i
     side capped at DECODED_SIDE_FACTOR x input_size; None once they would pass max_bytes."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from torchvision.transforms.v2 import functional as F
-
     cap = DECODED_SIDE_FACTOR * input_size
 
     def load(sample: Sample) -> torch.Tensor | None:
         pixels = dataset.read(sample[0])
-        if pixels is not None and min(pixels.shape[-2:]) > cap:
-            pixels = F.resize(pixels, cap, antialias=True)
-        return pixels
+        return None if pixels is None else augment.cap_shorter_side(pixels, cap)
 
     decoded, size, total = [], 0, len(dataset.samples)
     with ThreadPoolExecutor(max(1, threads)) as pool:
@@ -421,14 +417,20 @@ class EpochShuffle(Sampler):
         return iter((padded[self.rank :: self.world] + self.epoch * self.size).tolist())
 
 
-def transforms(input_size: int) -> dict[str, v2.Compose]:
+def transforms(input_size: int, gpu_augment: bool = False) -> dict[str, Callable]:
     """The tutorial's geometry on uint8 tensors: random crop and flip to train, centre crop to validate.
 
     Images stay uint8 until they reach the device, where Normalizer scales a whole batch at once:
     a quarter of the bytes through worker queues and pinned memory, one tensor op per batch.
+    With gpu_augment the training crops are only drawn here (the same parameters) and the device
+    renders them (augment.py).
     """
+    if gpu_augment:
+        train = augment.DrawCrop(input_size, cap=DECODED_SIDE_FACTOR * input_size)
+    else:
+        train = v2.Compose([v2.RandomResizedCrop(input_size, antialias=True), v2.RandomHorizontalFlip()])
     return {
-        "train": v2.Compose([v2.RandomResizedCrop(input_size, antialias=True), v2.RandomHorizontalFlip()]),
+        "train": train,
         "val": v2.Compose([v2.Resize(input_size, antialias=True), v2.CenterCrop(input_size)]),
     }
 
@@ -481,11 +483,16 @@ def replay_bytes(num_images: int, input_size: int) -> int:
     return num_images * 3 * input_size * input_size
 
 
-def collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-    """(images, labels, how many items were skipped); images and labels are None if all were."""
+def collate(batch: list) -> tuple[torch.Tensor | augment.CropBatch | None, torch.Tensor | None, int]:
+    """(images, labels, how many items were skipped); images and labels are None if all were.
+
+    Images are a uint8 tensor, or with data.gpu_augment a CropBatch for the device to render."""
     good = [item for item in batch if item is not None]
     if not good:
         return None, None, len(batch)
+    if isinstance(good[0][0], augment.Crop):
+        images = augment.collate([crop for crop, _ in good])
+        return images, torch.tensor([label for _, label in good]), len(batch) - len(good)
     images, labels = torch.utils.data.default_collate(good)
     return images, labels, len(batch) - len(good)
 
@@ -509,7 +516,7 @@ class SkippingLoader:
     def __len__(self) -> int:
         return len(self.loader)  # an upper bound when batches are skipped
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | augment.CropBatch, torch.Tensor]]:
         self.skipped = 0
         for images, labels, skipped in self.loader:
             self.skipped += skipped
@@ -532,6 +539,8 @@ class LoaderSettings:
     # order is shuffled): models whose batch norm sees 1x1 maps crash on a batch of one.
     min_train_batch: int = 1
     train_cache_bytes: int = 0  # memory for the decoded training images (decode_once); 0: decode each epoch
+    # Training crops only drawn in the workers, rendered on the device (augment.py).
+    gpu_augment: bool = False
     # Under torchrun: this process's shard. batch_size is per rank.
     rank: int = 0
     world_size: int = 1
@@ -539,7 +548,7 @@ class LoaderSettings:
 
 def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) -> dict[str, SkippingLoader]:
     """Shuffled train and ordered val loaders whose workers live for the whole run."""
-    tfms = transforms(settings.input_size)
+    tfms = transforms(settings.input_size, settings.gpu_augment)
     workers = settings.num_workers
     # Named explicitly: inside a joblib (loky) worker the process-wide default context is
     # loky's, whose processes DataLoader cannot start.

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from visiontune import VisiontuneError, distributed
+from visiontune.augment import CropBatch
 from visiontune.models import PreparedModel
 
 log = logging.getLogger(__name__)
@@ -117,9 +118,15 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def inputs(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inputs(
+        self, images: torch.Tensor | CropBatch, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch on the device, normalised: uint8 images, or crops to render first (data.gpu_augment)."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        images = self.normalize(images.to(self.device, non_blocking=True))
+        images = images.to(self.device, non_blocking=True)
+        if isinstance(images, CropBatch):
+            images = images.render()
+        images = self.normalize(images)
         return images.contiguous(memory_format=fmt), labels.to(self.device, non_blocking=True)
 
 

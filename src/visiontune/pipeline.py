@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from visiontune import (
+    augment,
     checkpoint,
     classifier,
     config,
@@ -415,6 +416,11 @@ def build_loaders(cfg: DictConfig, checked: data.CheckedData, prepared: models.P
     val_bytes = data.replay_bytes(len(checked.samples["val"]), input_size)
     # A cached backbone output already spares the val images' decoding after the first epoch.
     replay_val = not prepared.fixed_backbone and val_bytes <= budget
+    # Absent from the config of a run saved before the key existed: it resumes as it trained.
+    requested = cfg.data.get("gpu_augment", False)
+    gpu_augment = augment.enabled(requested, device)
+    where = f"drawn in the data workers, rendered on {device}" if gpu_augment else "in the data workers"
+    log.info("training crops and flips: %s (data.gpu_augment=%s)", where, str(requested).lower())
     settings = data.LoaderSettings(
         input_size=input_size,
         batch_size=cfg.batch_size,
@@ -425,6 +431,7 @@ def build_loaders(cfg: DictConfig, checked: data.CheckedData, prepared: models.P
         max_image_pixels=cfg.data.get("max_image_pixels"),
         min_train_batch=prepared.spec.min_batch_size,
         train_cache_bytes=max(0, budget - min(val_bytes, budget)),
+        gpu_augment=gpu_augment,
         rank=distributed.rank(),
         world_size=distributed.world_size(),
     )
