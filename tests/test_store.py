@@ -103,6 +103,43 @@ def test_logged_model_is_torch_and_an_image_pyfunc_with_its_class_names(experime
     assert sorted(answer["top_classes"][0]) == classes and answer["class"][0] == answer["top_classes"][0][0]
 
 
+def test_logging_a_model_states_its_requirements_without_scanning_every_distribution(experiment, monkeypatch):
+    """MLflow maps every installed distribution's files to modules to check a model's requirements
+    (about a second per process); log_model's pins come from this environment, so that is skipped."""
+    import importlib_metadata
+    from mlflow.utils import environment, requirements_utils
+
+    from visiontune.classifier import Classifier
+
+    scans = []
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)  # as in a fresh process
+    monkeypatch.setattr(importlib_metadata, "packages_distributions", lambda: scans.append(1) or {})
+    check = environment.warn_dependency_requirement_mismatches
+    uri, experiment_id = experiment
+    model = models.build_model(SPECS["squeezenet"], 2, None).eval()
+    with store.tracked_run(uri, store.RunStart(experiment_id, "r", {})) as run:
+        store.log_model(Classifier(model, ["ants", "bees"], 64, "squeezenet", "squeezenet1_0"), _jpeg())
+    assert scans == []
+    assert environment.warn_dependency_requirement_mismatches is check  # put back for everyone else
+    mlflow.set_tracking_uri(uri)
+    requirements = Path(
+        mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model/requirements.txt")
+    )
+    pins = dict(line.split("==") for line in requirements.read_text().split())
+    assert pins["torch"] == torch.__version__.split("+")[0] and pins["mlflow"] == mlflow.__version__
+    assert {"torchvision", "pillow", "pandas"} <= set(pins)
+
+
+def _jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(jpeg, format="JPEG")
+    return jpeg.getvalue()
+
+
 def test_ctrl_c_during_a_store_write_waits_for_the_write():
     import os
     import signal
