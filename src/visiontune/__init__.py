@@ -1,8 +1,12 @@
 """visiontune: fine-tune torchvision image classifiers from Hydra configs, tracked in MLflow."""
 
 import re
+import time
 
 __version__ = "0.1.0"
+
+# Where start-up is counted from when the OS does not say when the process began (pipeline.startup_began).
+IMPORTED_AT = time.monotonic()
 
 
 class VisiontuneError(Exception):

@@ -9,8 +9,9 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+import visiontune
 from visiontune import (
     augment,
     checkpoint,
@@ -49,6 +51,7 @@ class Job:
     overrides: list[str]
     number: int | None  # the job's number in a multirun
     sweep_dir: Path | None  # a multirun's folder, where its sweep hand-off waits
+    started: float = field(default_factory=time.monotonic)  # when its start-up began: startup_began()
 
     @classmethod
     def from_hydra(cls) -> Job:
@@ -63,7 +66,67 @@ class Job:
             overrides=list(hydra.overrides.task),
             number=hydra.job.num if multirun else None,
             sweep_dir=launch_dir / hydra.sweep.dir if multirun else None,
+            started=startup_began(),
         )
+
+
+_jobs_begun = 0  # a sweep's jobs under the basic or joblib launcher share a process
+
+
+def startup_began() -> float:
+    """time.monotonic() when this job's start-up began: for a process's first job, when the process
+    started, so that the interpreter, the imports and Hydra count; a later job in the same process,
+    its imports done, begins now."""
+    global _jobs_begun
+    _jobs_begun += 1
+    now = time.monotonic()
+    if _jobs_begun > 1:
+        return now
+    age = process_age()
+    return now - age if age is not None else visiontune.IMPORTED_AT
+
+
+def process_age() -> float | None:
+    """Seconds since this process started, as the kernel recorded it (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: ticks after boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class StartupClock:
+    """The training loader, noting when it hands out its first batch: where start-up ends."""
+
+    def __init__(self, loader, began: float):
+        self.loader, self.began = loader, began
+        self.first_batch: float | None = None
+        self.recorded = False
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):  # set_epoch, skipped: the loader's own
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.first_batch is None:
+                self.first_batch = time.monotonic()
+            yield batch
+
+    def record(self, step: int) -> None:
+        """Start-up as the `startup_seconds` metric and a console line, once the first batch came; once.
+
+        At the step of the epoch it preceded: a resumed run records its new process's start-up too."""
+        if self.first_batch is None or self.recorded:
+            return
+        seconds = self.first_batch - self.began
+        store.log_metrics({"startup_seconds": seconds}, step=step)
+        log.info("start-up: %.1fs from the process's start to the first training batch", seconds)
+        self.recorded = True
 
 
 def run(cfg: DictConfig) -> float:
@@ -168,14 +231,15 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
             config.check_values(cfg)  # the CLI checked a single run's values; a sweep's job is a FAILED child
             record_start(cfg, job, continued, mode)
             setup = set_up(cfg, job, spec, mode, device)
-            checked, prepared = setup.checked, setup.prepared
-            loaders, training = setup.loaders, setup.training
+            checked, prepared, training = setup.checked, setup.prepared, setup.training
+            startup = StartupClock(setup.loaders["train"], job.started)
+            loaders = setup.loaders | {"train": startup}
             if continued is None:  # a continued run keeps the params and inputs it started with
                 digests = store.log_datasets(checked.root, checked.classes, checked.samples)
                 store.log_params(run_params(cfg, checked, prepared, device) | digests)
                 store.log_params(provenance(job.launch_dir, prepared.weights))
             progress = resume_progress(saved, training, run_id)
-            on_epoch = EpochRecorder(cfg, job.output_dir / "checkpoints", training, run_id, saved)
+            on_epoch = EpochRecorder(cfg, job.output_dir / "checkpoints", training, run_id, saved, startup)
             result = engine.fit(training, loaders, cfg.data.cache_mb * 2**20, on_epoch, progress)
             same_on_every_rank(prepared.module)
             store.log_metrics({"skipped_images": skipped_images(checked, loaders, device)})
@@ -495,8 +559,9 @@ class EpochRecorder:
     (with checkpoint.every_epochs above 1): those steps are not logged twice.
     """
 
-    def __init__(self, cfg: DictConfig, folder: Path, training: engine.Training, run_id: str, saved):
+    def __init__(self, cfg: DictConfig, folder: Path, training: engine.Training, run_id: str, saved, startup):
         self.folder, self.training, self.run_id = folder, training, run_id
+        self.startup = startup  # a StartupClock, recorded after the first epoch this process trains
         self.every, self.to_mlflow = cfg.checkpoint.every_epochs, cfg.checkpoint.log_to_mlflow
         self.config = checkpoint.flat_config(cfg)
         self.logged = store.logged_steps(run_id, "val_acc")
@@ -522,6 +587,7 @@ class EpochRecorder:
                 store.log_files(self.folder, "checkpoint", text=False)
         if r.epoch not in self.logged:
             store.log_metrics(metrics, step=r.epoch)
+        self.startup.record(step=r.epoch)
         log.info(
             "epoch %*d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs%s",
             *(len(str(epochs)), r.epoch, epochs, r.train.loss, r.train.acc, r.val.loss, r.val.acc),
