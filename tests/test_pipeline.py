@@ -343,6 +343,19 @@ def test_unusable_tracking_uri(tmp_path, tiny_folder):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "printed"),
+    [(["--help"], "model=resnet mode=finetune"), (["--cfg", "job", "model=resnet"], "arch: resnet18")],
+    ids=["help", "cfg"],
+)
+def test_help_and_cfg_answer_without_torch(tmp_path, args, printed):
+    """visiontune-train --help and --cfg print and leave, in a process where importing torch fails."""
+    result = run_cli(tmp_path, *args, env=cli_env(tmp_path) | NO_TORCH)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert printed in result.stdout
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
 def test_cli_starts_without_importing_torch_or_mlflow():
     """--help, --cfg and config errors of every command answer without paying for torch and mlflow."""
     import subprocess
