@@ -30,7 +30,9 @@ def machine() -> str:
         ]
         cpu = names[0] if names else cpu
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    bf16 = "AVX512-BF16/AMX" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no CPU bf16"
+    from visiontune.engine import cpu_has_bf16
+
+    bf16 = "AVX512-BF16 or AMX" if cpu_has_bf16() else "no native bf16"
     return (
         f"machine: {cpu}, {len(os.sched_getaffinity(0))} cores ({bf16}); {gpu}\n"
         f"versions: python {platform.python_version()}, torch {torch.__version__}, "

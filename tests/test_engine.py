@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,13 +91,13 @@ def test_feature_extraction_on_large_backbone_batches_trains_bit_for_bit_like_th
     assert torch.equal(next_draw, split_next_draw), "the random stream was drawn from alike"
 
 
-def test_precision_auto_is_bf16_only_where_it_pays():
+def test_precision_auto_is_bf16_where_the_hardware_computes_it():
     cpu = torch.device("cpu")
-    assert engine.precision_for("off", cpu) == (None, None)
-    assert engine.precision_for("bf16", cpu) == (torch.bfloat16, torch.bfloat16)
-    bf16_cpu = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    # On a CPU, training stays float32; only a frozen backbone's forward pass may use bf16.
-    assert engine.precision_for("auto", cpu) == (None, torch.bfloat16 if bf16_cpu else None)
+    assert engine.precision_for("off", cpu) is None
+    assert engine.precision_for("bf16", cpu) == torch.bfloat16
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert engine.precision_for("auto", cpu) == (torch.bfloat16 if native else None)
 
 
 def test_tallies_average_over_images_not_batches():

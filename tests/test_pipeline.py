@@ -564,22 +564,21 @@ def test_fine_tune_a_logged_model_on_data_with_more_classes(workspace, tmp_path)
     assert wrong.returncode == 1 and "is not a resnet18 model" in wrong.stderr
 
 
-@pytest.mark.parametrize("mode", ["scratch", "feature_extract", "staged"])
-def test_auto_precision_and_layout_follow_the_mode_on_this_cpu(mode, standin_weights):
-    """On a CPU only feature extraction's frozen pass may use bf16, and NHWC comes with it."""
+@pytest.mark.parametrize("mode", ["scratch", "feature_extract"])
+def test_auto_precision_and_layout_on_this_cpu(mode, standin_weights):
+    """On a CPU with native bf16 every mode trains in bf16, in NHWC; elsewhere float32, NCHW."""
     import torch
 
     from conftest import compose_cfg, prepare_model
-    from visiontune import pipeline
+    from visiontune import engine, pipeline
 
     prepared = prepare_model("squeezenet", mode, standin_weights)
     cfg = compose_cfg("model=squeezenet", f"mode={mode}")
     runtime = pipeline.build_training(cfg, prepared, torch.device("cpu"), steps_per_epoch=1).runtime
-    bf16_cpu = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    uses_bf16 = mode in ("feature_extract", "staged") and bf16_cpu  # staged: its frozen first epochs
-    assert runtime.amp_dtype is None, "training itself stays float32 on a CPU"
-    assert runtime.frozen_amp_dtype == (torch.bfloat16 if bf16_cpu else None)
-    assert runtime.channels_last == uses_bf16
+    bf16 = engine.cpu_has_bf16()
+    assert runtime.amp_dtype == (torch.bfloat16 if bf16 else None)
+    assert runtime.channels_last == bf16
+    assert prepared.module.features[0].weight.is_contiguous(memory_format=torch.channels_last) == bf16
 
 
 def test_a_frozen_backbone_on_larger_batches_gives_the_same_run(tmp_path, tiny_folder, standin_weights):

@@ -84,20 +84,29 @@ def make_deterministic(on: bool) -> None:
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def precision_for(requested: str, device: torch.device) -> tuple[torch.dtype | None, torch.dtype | None]:
-    """(autocast dtype of the training step, of a frozen backbone's pass) for precision=<requested>.
+def precision_for(requested: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for precision=<requested>; None: float32.
 
-    auto: bf16 throughout on a CUDA GPU that has it; on a CPU with bf16 instructions only for a
-    frozen backbone's forward pass, where it measured faster (training through bf16 on such a
-    CPU measured slower than float32); float32 elsewhere.
+    auto: bf16 on a CUDA GPU that has it, and on a CPU with bf16 instructions (AVX512-BF16 or
+    AMX), where training measured x1.2 (alexnet) to x2.7 (squeezenet) faster than float32 for all
+    six models (README, Performance); float32 elsewhere, including CPUs that only emulate bf16.
     """
     if requested != "auto":
-        return AMP_DTYPES[requested], AMP_DTYPES[requested]
+        return AMP_DTYPES[requested]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16, torch.bfloat16
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return None, torch.bfloat16
-    return None, None
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively. (oneDNN's own check also says yes on AVX512 CPUs
+    without BF16, where it emulates bf16 more slowly than float32.)"""
+    try:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # a torch without these checks: keep float32
+        return False
 
 
 @dataclass(frozen=True)
@@ -108,15 +117,11 @@ class Runtime:
     normalize: Callable[[torch.Tensor], torch.Tensor]
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
-    # Autocast for a frozen backbone's forward pass alone (no gradients flow there): where bf16
-    # pays in forward-only work but not in training, as on CPUs with AVX512-BF16 or AMX.
-    frozen_amp_dtype: torch.dtype | None = None
 
-    def autocast(self, frozen: bool = False):
-        dtype = self.frozen_amp_dtype if frozen else self.amp_dtype
-        if dtype is None:
+    def autocast(self):
+        if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def inputs(
         self, images: torch.Tensor | CropBatch, labels: torch.Tensor
@@ -296,7 +301,7 @@ class FrozenBackbone:
 
     `stem` is forward up to the first head, random op (dropout) or matrix product: a fixed
     function of each image, bit for bit whatever the batch, which runs without autograd, in its
-    own precision (Runtime.frozen_amp_dtype), and on several batches at once where that pays.
+    run's precision, and on several batches at once where that pays.
     `rest` is the remainder of forward, dropout's draws and the heads included, run per batch as
     usual (autograd records nothing before the heads: nothing there needs a gradient). Both parts
     are cut out of forward with torch.fx, so heads that are not the last layer (SqueezeNet's) or
@@ -314,15 +319,11 @@ class FrozenBackbone:
         self.per_pass: int | None = None  # batches per stem pass in training, once chosen
 
     def features(self, images: torch.Tensor, runtime: Runtime, training: bool = True) -> tuple:
-        """The stem's outputs for `images`, float32.
-
-        Only training uses the frozen pass's own precision: validation computes its features once
-        (BackboneCache), where bf16 would save little and move val accuracy away from what the
-        logged model, predicting in float32, reproduces."""
+        """The train or eval stem's outputs for `images`, in the run's precision, as the whole
+        model would hand them on."""
         stem = self.train_stem if training else self.eval_stem
-        with torch.no_grad(), runtime.autocast(frozen=training):
-            values = stem(images)
-        return tuple(v.float() if v.is_floating_point() else v for v in values)
+        with torch.no_grad(), runtime.autocast():
+            return stem(images)
 
     def batches(self, loader, runtime: Runtime, per_pass: int | None):
         """(stem outputs, labels) for each batch of `loader`, the stem run on `per_pass` batches at a

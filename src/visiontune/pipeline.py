@@ -509,18 +509,14 @@ def build_training(
     cfg: DictConfig, prepared: models.PreparedModel, device, steps_per_epoch: int
 ) -> engine.Training:
     """Loss, optimiser, schedule, precision and memory layout around the prepared model."""
-    amp_dtype, frozen_amp_dtype = engine.precision_for(str(cfg.precision), device)
-    # auto: NHWC wherever bf16 runs, whose fast convolutions want it (x1.8 on a CPU's frozen
-    # squeezenet pass); float32 convolutions measured the same either way.
-    channels_last = cfg.channels_last
-    if channels_last == "auto":
-        frozen_pass = frozen_amp_dtype if prepared.has_frozen_backbone else None  # feature_extract, staged
-        channels_last = (amp_dtype or frozen_pass) == torch.bfloat16
+    amp_dtype = engine.precision_for(str(cfg.precision), device)
+    # auto: NHWC wherever bf16 runs, whose fast convolutions want it (resnet18 training on a CPU:
+    # x1.2 in bf16); float32 convolutions measured about the same either way.
+    channels_last = amp_dtype == torch.bfloat16 if cfg.channels_last == "auto" else cfg.channels_last
     layout = torch.channels_last if channels_last else torch.preserve_format
     if cfg.precision == "auto" or cfg.channels_last == "auto":
-        name = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-        frozen = f", frozen backbone {name[frozen_amp_dtype]}" if prepared.has_frozen_backbone else ""
-        log.info("precision: training %s%s; channels_last %s", name[amp_dtype], frozen, channels_last)
+        name = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+        log.info("precision: %s; channels_last %s", name, channels_last)
     prepared.module.to(device, memory_format=layout)
     # Norms that learn their statistics (finetune, scratch, staged once unfrozen) compute them over
     # every rank's images. feature_extract's frozen norms keep ImageNet's statistics in eval mode:
@@ -536,9 +532,7 @@ def build_training(
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        runtime=engine.Runtime(
-            device, data.Normalizer(device), amp_dtype, channels_last, frozen_amp_dtype=frozen_amp_dtype
-        ),
+        runtime=engine.Runtime(device, data.Normalizer(device), amp_dtype, channels_last),
         epochs=cfg.epochs,
         scheduler_per_batch=per_batch,
         backbone_batches=backbone_batches(cfg),
