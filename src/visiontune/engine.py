@@ -305,9 +305,9 @@ class FrozenBackbone:
     `rest` is the remainder of forward, dropout's draws and the heads included, run per batch as
     usual (autograd records nothing before the heads: nothing there needs a gradient). Both parts
     are cut out of forward with torch.fx, so heads that are not the last layer (SqueezeNet's) or
-    that read the backbone's middle (Inception's auxiliary head) work too. The per-image results,
-    dropout's random draws included, are bit for bit those of calling the model whole, batch
-    after batch.
+    that read the backbone's middle (Inception's auxiliary head) work too. At float32 the
+    results, dropout's random draws included, are bit for bit those of calling the model whole,
+    batch after batch (tests/test_engine.py checks all six models).
 
     Evaluation cuts at the heads alone (dropout does nothing in eval mode), so BackboneCache
     keeps everything below them.
