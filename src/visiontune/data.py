@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 import multiprocessing
+import multiprocessing.util
 import shutil
 import signal
 import sys
@@ -592,15 +593,22 @@ def _leave_signals_to_the_main_process(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-@atexit.register
 def _stop_workers_left_at_exit() -> None:
-    """Kill loader workers still alive when the interpreter exits (a persistent loader held by a
-    global, a traceback, an interactive session). multiprocessing's own exit hook stops daemonic
-    children with SIGTERM, which these workers ignore, and then waits for them for ever.
-    Registered after multiprocessing's hook, so it runs first."""
+    """Kill loader workers still alive when the process exits (a persistent loader held by a
+    global, a traceback, a reference cycle the collector has not reached yet, an interactive
+    session). multiprocessing's own exit function stops daemonic children with SIGTERM, which
+    these workers ignore, and then waits for them for ever."""
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
+
+
+# Before multiprocessing's exit function terminates and joins the children: it runs finalizers
+# of priority 0 and up first. A process multiprocessing started itself (a joblib/loky sweep job)
+# calls that function when its work returns, before any atexit hook; the main interpreter calls
+# it from atexit, where this hook, registered after multiprocessing's, runs first anyway.
+multiprocessing.util.Finalize(None, _stop_workers_left_at_exit, exitpriority=100)
+atexit.register(_stop_workers_left_at_exit)
 
 
 def _short_last_batch(size: int, settings: LoaderSettings) -> bool:
