@@ -585,6 +585,18 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
     return loaders
 
 
+def close(loaders: dict) -> None:
+    """Stop the loaders' persistent workers now, at the end of their run, the way DataLoader does
+    when it is collected: a sweep's next job in this process, or the exit of a process that
+    multiprocessing started (a joblib job), would otherwise find them still running."""
+    for loader in loaders.values():
+        while not isinstance(loader, DataLoader):  # ReplayLoader -> SkippingLoader -> DataLoader
+            loader = loader.loader
+        iterator, loader._iterator = getattr(loader, "_iterator", None), None
+        if hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
 def _leave_signals_to_the_main_process(worker_id: int) -> None:
     """Workers ignore Ctrl-C and SIGTERM, which terminals, `timeout` and SLURM send to the whole
     process group: the main process stops the run (KILLED, checkpoint kept) and then its workers.

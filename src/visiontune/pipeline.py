@@ -248,6 +248,7 @@ def train(cfg: DictConfig, job: Job, uri: str, experiment_id: str, earlier: Earl
                 # A sweep registers only its best child, at its end (sweep.py).
                 registered = cfg.mlflow.registered_model_name if job.number is None else None
                 log_model(prepared, checked.classes, loaders["val"], registered)
+            data.close(setup.loaders)
         except KeyboardInterrupt:
             say_how_to_resume(run_id, job.output_dir / "checkpoints")
             raise
