@@ -15,6 +15,16 @@ SEED = REPO.parent / "shared" / "reference" / "seed_tutorial.py"
 DATA = REPO.parent / "shared" / "hymenoptera_data"
 
 
+def check_inputs(seed_script: Path, data: Path) -> None:
+    """Stop with one line where the tutorial's script or the data set is not where it was looked for
+    (the defaults assume a checkout beside ../shared, as the project's own machines have)."""
+    for path, flag in ((seed_script, "--seed-script"), (data, "--data")):
+        if not path.exists():
+            raise SystemExit(
+                f"{path} does not exist: pass {flag} PATH (the tutorial's loop, the hymenoptera folder)"
+            )
+
+
 def machine() -> str:
     """CPU, cores, GPU and versions: a figure means little without them."""
     import torch

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import DATA, SEED, machine, model_spec, run_seed, standin_weights, visiontune_env
+from common import DATA, SEED, check_inputs, machine, model_spec, run_seed, standin_weights, visiontune_env
 
 CASES = ("squeezenet:feature_extract", "resnet:finetune", "inception:finetune")
 
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--seed-script", type=Path, default=SEED, help="the tutorial's loop (baseline)")
     parser.add_argument("extra", nargs="*", help="more visiontune overrides, e.g. precision=off")
     args = parser.parse_args()
+    check_inputs(args.seed_script, args.data)
     cases = [case.split(":") for case in args.case or CASES]
 
     print(machine())

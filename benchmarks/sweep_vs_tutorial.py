@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DATA, SEED, machine, model_spec, run_seed, standin_weights, visiontune_env
+from common import DATA, SEED, check_inputs, machine, model_spec, run_seed, standin_weights, visiontune_env
 
 MODELS = ("resnet", "alexnet", "vgg", "squeezenet", "densenet", "inception")
 MODES = ("finetune", "feature_extract", "scratch")
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--seed-script", type=Path, default=SEED, help="the tutorial's loop (baseline)")
     parser.add_argument("extra", nargs="*", help="more visiontune overrides, e.g. hydra/launcher=joblib")
     args = parser.parse_args()
+    check_inputs(args.seed_script, args.data)
 
     print(machine())
     print(

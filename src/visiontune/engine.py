@@ -337,7 +337,7 @@ class FrozenBackbone:
             if runtime.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             sizes = [len(labels) for _, labels in inputs]
-            with _peak_memory(runtime.device) as peak:
+            with _peak_memory(runtime.device, measure=per_pass is None) as peak:  # the first pass only
                 pieces = [value.split(sizes) for value in self.features(images, runtime)]
             if self.per_pass is None:
                 auto = per_pass is None
@@ -403,9 +403,10 @@ def batches_per_pass(device: torch.device, batch_bytes: int) -> int:
 
 
 @contextlib.contextmanager
-def _peak_memory(device: torch.device):
-    """Yields a function giving the peak bytes the block allocated on a CUDA device (0 elsewhere)."""
-    if device.type != "cuda":
+def _peak_memory(device: torch.device, measure: bool = True):
+    """Yields a function giving the peak bytes the block allocated on a CUDA device (0 elsewhere,
+    or when not asked to `measure`: resetting the statistics is not free on a hot path)."""
+    if device.type != "cuda" or not measure:
         yield lambda: 0
         return
     torch.cuda.reset_peak_memory_stats(device)
