@@ -40,7 +40,7 @@ def machine() -> str:
         ]
         cpu = names[0] if names else cpu
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    from visiontune.engine import cpu_has_bf16
+    from visiontune.runtime import cpu_has_bf16
 
     bf16 = "AVX512-BF16 or AMX" if cpu_has_bf16() else "no native bf16"
     return (

@@ -243,8 +243,9 @@ def cpu_training(prepared, optimizer, epochs: int = 1, runtime=None, scheduler=N
     import torch
 
     from visiontune import engine
+    from visiontune.runtime import Runtime
 
-    runtime = runtime or engine.Runtime(torch.device("cpu"), normalize=torch.nn.Identity())
+    runtime = runtime or Runtime(torch.device("cpu"), normalize=torch.nn.Identity())
     return engine.Training(
         model=prepared,
         criterion=torch.nn.CrossEntropyLoss(),

@@ -13,7 +13,8 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from conftest import FAST, cli_env, compose_cfg, make_image_folder, run_cli, store_runs
-from visiontune import VisiontuneError, augment, checkpoint, config, data, engine
+from visiontune import VisiontuneError, augment, checkpoint, config, data
+from visiontune.runtime import Runtime
 
 SIZE = 32  # the rendered side; the workers cap shorter sides at DECODED_SIDE_FACTOR x SIZE = 64
 CAP = data.DECODED_SIDE_FACTOR * SIZE
@@ -129,7 +130,7 @@ def test_every_image_of_a_batch_has_its_own_parameters(photos):
     assert len({tuple(box.tolist()) for box in batch.boxes}) == 6
     # Padded to the largest height and width once shrunk: 80x200 -> 64x160, 160x96 -> 106x64.
     assert batch.images.shape == (6, 3, 160, 106) and batch.images.dtype == torch.uint8
-    rendered = engine.Runtime(torch.device("cpu"), normalize=torch.nn.Identity()).inputs(batch, labels)[0]
+    rendered = Runtime(torch.device("cpu"), normalize=torch.nn.Identity()).inputs(batch, labels)[0]
     assert rendered.shape == (6, 3, SIZE, SIZE) and rendered.dtype == torch.float32
 
 

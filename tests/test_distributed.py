@@ -115,13 +115,14 @@ def one_process_val_acc(run_id: str, cwd: Path, root: Path) -> float:
     import mlflow
 
     from visiontune import data, engine
+    from visiontune.runtime import Runtime
 
     mlflow.set_tracking_uri(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")
     module = mlflow.pytorch.load_model(f"runs:/{run_id}/model")  # takes normalised tensors
     _, samples = data.find_samples(root)
     settings = data.LoaderSettings(input_size=64, batch_size=4, num_workers=0, seed=0, skip_bad=True)
     cpu = torch.device("cpu")
-    runtime = engine.Runtime(cpu, data.Normalizer(cpu))
+    runtime = Runtime(cpu, data.Normalizer(cpu))
     return engine.evaluate(
         module, data.build_loaders(samples, settings)["val"], torch.nn.CrossEntropyLoss(), runtime
     ).acc

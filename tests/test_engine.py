@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from conftest import ARCHS, SPECS, cpu_training, input_size_for, prepare_model, tiny_prepared
-from visiontune import engine
+from visiontune import engine, runtime
+from visiontune.runtime import Runtime
 
-CPU = engine.Runtime(torch.device("cpu"), normalize=nn.Identity())
+CPU = Runtime(torch.device("cpu"), normalize=nn.Identity())
 
 
 def val_batches(model_name: str, n_batches: int = 3):
@@ -93,11 +94,11 @@ def test_feature_extraction_on_large_backbone_batches_trains_bit_for_bit_like_th
 
 def test_precision_auto_is_bf16_where_the_hardware_computes_it():
     cpu = torch.device("cpu")
-    assert engine.precision_for("off", cpu) is None
-    assert engine.precision_for("bf16", cpu) == torch.bfloat16
+    assert runtime.precision_for("off", cpu) is None
+    assert runtime.precision_for("bf16", cpu) == torch.bfloat16
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     native = "avx512_bf16" in flags or "amx_bf16" in flags
-    assert engine.precision_for("auto", cpu) == (torch.bfloat16 if native else None)
+    assert runtime.precision_for("auto", cpu) == (torch.bfloat16 if native else None)
 
 
 def test_tallies_average_over_images_not_batches():
@@ -116,7 +117,7 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(channels_last):
     model = prepared.module.to(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format
     )
-    runtime = engine.Runtime(torch.device("cpu"), nn.Identity(), torch.bfloat16, channels_last)
+    runtime = Runtime(torch.device("cpu"), nn.Identity(), torch.bfloat16, channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     before = model.fc.weight.clone()
     training = cpu_training(prepared, optimizer, runtime=runtime)
@@ -181,12 +182,12 @@ def test_a_nonfinite_training_loss_stops_fit_naming_epoch_and_batch():
     ],
 )
 def test_device_choice_by_torchrun_rank_and_sweep_job(requested, cuda_count, local_rank, job_number, chosen):
-    assert engine.choose_device(requested, cuda_count, local_rank, job_number) == chosen
+    assert runtime.choose_device(requested, cuda_count, local_rank, job_number) == chosen
 
 
 def test_one_gpu_named_for_every_torchrun_rank_is_refused():
     with pytest.raises(engine.VisiontuneError, match="every rank on one GPU"):
-        engine.choose_device("cuda:0", 2, 1, None)
+        runtime.choose_device("cuda:0", 2, 1, None)
 
 
 def test_compile_trains_the_models_own_weights_like_the_plain_loop():

@@ -570,12 +570,13 @@ def test_auto_precision_and_layout_on_this_cpu(mode, standin_weights):
     import torch
 
     from conftest import compose_cfg, prepare_model
-    from visiontune import engine, pipeline
+    from visiontune import pipeline
+    from visiontune.runtime import cpu_has_bf16
 
     prepared = prepare_model("squeezenet", mode, standin_weights)
     cfg = compose_cfg("model=squeezenet", f"mode={mode}")
     runtime = pipeline.build_training(cfg, prepared, torch.device("cpu"), steps_per_epoch=1).runtime
-    bf16 = engine.cpu_has_bf16()
+    bf16 = cpu_has_bf16()
     assert runtime.amp_dtype == (torch.bfloat16 if bf16 else None)
     assert runtime.channels_last == bf16
     assert prepared.module.features[0].weight.is_contiguous(memory_format=torch.channels_last) == bf16

@@ -293,11 +293,11 @@ def per_class_rows(evaluation: Evaluation) -> list[dict]:
 
 def evaluate(args: argparse.Namespace, folder: LabelledFolder, uri: str) -> str:
     """Load the model, score it on the folder in an MLflow run; the text to print."""
-    from visiontune import engine, flavor, store
+    from visiontune import flavor, runtime, store
 
     clf = flavor.load(args.model, uri)
     to_model = model_indices(folder.classes, clf.classes)  # refused before any run exists
-    clf.to(engine.pick_device(args.device))
+    clf.to(runtime.pick_device(args.device))
     experiment_id, source_here = evaluation_experiment(uri, clf.run_id, args.experiment)
     given = model_reference(args.model)
     with store.tracked_run(uri, run_start(experiment_id, given, folder, clf)) as run:

@@ -32,6 +32,7 @@ from visiontune import (
     optim,
     redact,
     report,
+    runtime,
     store,
     sweep,
 )
@@ -136,7 +137,7 @@ def run(cfg: DictConfig) -> float:
     """
     job = Job.from_hydra()
     launch = distributed.Launch.from_env()
-    device = engine.pick_device(str(cfg.device), launch.local_rank if launch else None, job.number)
+    device = runtime.pick_device(str(cfg.device), launch.local_rank if launch else None, job.number)
     with distributed.process_group(launch, device):
         if not distributed.is_main():
             return follow(cfg, job, device, distributed.broadcast(None))
@@ -287,7 +288,7 @@ class SetUp:
 
 def set_up(cfg: DictConfig, job: Job, spec: config.ModelSpec, mode: Mode, device) -> SetUp:
     checked = check_data(cfg.data, job.launch_dir)
-    engine.make_deterministic(cfg.deterministic)
+    runtime.make_deterministic(cfg.deterministic)
     torch.manual_seed(cfg.seed)  # every rank starts from the same weights (DDP also copies rank 0's)
     weights = models.resolve_weights(spec.arch, cfg.model.weights, job.launch_dir)
     prepared = models.prepare(spec, mode, len(checked.classes), weights)
@@ -467,12 +468,6 @@ def announce(prepared: models.PreparedModel, mode: Mode, checked: data.CheckedDa
     )
 
 
-def worker_count(requested) -> int:
-    if requested != "auto":
-        return requested
-    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
 def build_loaders(cfg: DictConfig, checked: data.CheckedData, prepared: models.PreparedModel, device) -> dict:
     """Train and val loaders, with what data.cache_mb holds between epochs: first the val split
     (its decoded images, or a frozen backbone's outputs for it), then the decoded training images."""
@@ -489,7 +484,7 @@ def build_loaders(cfg: DictConfig, checked: data.CheckedData, prepared: models.P
     settings = data.LoaderSettings(
         input_size=input_size,
         batch_size=cfg.batch_size,
-        num_workers=worker_count(cfg.num_workers),
+        num_workers=runtime.worker_count(cfg.num_workers),
         seed=cfg.seed,
         pin_memory=device.type == "cuda",
         skip_bad=cfg.data.skip_bad_images,
@@ -510,7 +505,7 @@ def build_training(
     cfg: DictConfig, prepared: models.PreparedModel, device, steps_per_epoch: int
 ) -> engine.Training:
     """Loss, optimiser, schedule, precision and memory layout around the prepared model."""
-    amp_dtype = engine.precision_for(str(cfg.precision), device)
+    amp_dtype = runtime.precision_for(str(cfg.precision), device)
     # auto: NHWC wherever bf16 runs, whose fast convolutions want it (resnet18 training on a CPU:
     # x1.2 in bf16); float32 convolutions measured about the same either way.
     channels_last = amp_dtype == torch.bfloat16 if cfg.channels_last == "auto" else cfg.channels_last
@@ -533,7 +528,7 @@ def build_training(
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        runtime=engine.Runtime(device, data.Normalizer(device), amp_dtype, channels_last),
+        runtime=runtime.Runtime(device, data.Normalizer(device), amp_dtype, channels_last),
         epochs=cfg.epochs,
         scheduler_per_batch=per_batch,
         backbone_batches=backbone_batches(cfg),

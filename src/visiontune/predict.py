@@ -101,9 +101,9 @@ def find_images(given: Sequence[str]) -> list[str]:
 
 def predict(args: argparse.Namespace, paths: list[str], uri: str) -> list[dict]:
     """One row per path, in order: the top k classes and probabilities, or why it is unreadable."""
-    from visiontune import classifier, engine, flavor
+    from visiontune import classifier, flavor, runtime
 
-    device = engine.pick_device(args.device)
+    device = runtime.pick_device(args.device)
     model = flavor.load(args.model, uri).to(device)
     rows = [{"path": path, "classes": [], "probabilities": [], "error": "unreadable"} for path in paths]
     for indices, probabilities in classifier.classify_files(model, paths, args.batch_size, args.num_workers):
