@@ -41,7 +41,7 @@ def run_visiontune(args, model: str, mode: str, weights: Path, workdir: Path) ->
         "model.weights": weights,
         "mlflow.log_model": "false",
     }
-    cmd = [sys.executable, "-m", "visiontune.cli", *(f"{k}={v}" for k, v in overrides.items()), *args.extra]
+    cmd = [sys.executable, "-m", "visiontune.train", *(f"{k}={v}" for k, v in overrides.items()), *args.extra]
     workdir.mkdir()
     subprocess.run(cmd, cwd=workdir, env=visiontune_env(workdir), capture_output=True, text=True, check=True)
     client = MlflowClient(f"sqlite:///{workdir / 'outputs' / 'mlflow.db'}")

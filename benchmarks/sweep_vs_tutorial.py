@@ -48,7 +48,7 @@ def run_sweep(args, workdir: Path) -> tuple[float, dict]:
     ]
     tic = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "visiontune.cli", "-m", *overrides],
+        [sys.executable, "-m", "visiontune.train", "-m", *overrides],
         cwd=workdir,
         env=visiontune_env(workdir),
         capture_output=True,

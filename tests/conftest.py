@@ -100,7 +100,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def run_cli(cwd: Path, *args: str, module: str = "visiontune.cli", env=None, timeout=600):
+def run_cli(cwd: Path, *args: str, module: str = "visiontune.train", env=None, timeout=600):
     """Run a visiontune command as a user would, in `cwd`; returns the CompletedProcess."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -182,7 +182,7 @@ def after_first_epoch(cwd: Path, *args: str, poll: float = 0.1):
     from types import SimpleNamespace
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "visiontune.cli", *args],
+        [sys.executable, "-m", "visiontune.train", *args],
         **{
             "cwd": cwd,
             "env": cli_env(cwd),

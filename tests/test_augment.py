@@ -208,12 +208,12 @@ def test_auto_renders_on_cuda_only():
 @pytest.mark.parametrize("value", ["maybe", "1"])
 def test_a_bad_value_is_refused_by_name(value):
     with pytest.raises(VisiontuneError, match=f"data.gpu_augment={value} must be auto"):
-        config.check_values(compose_cfg(f"data.gpu_augment={value}"))
+        config.read(compose_cfg(f"data.gpu_augment={value}"))
 
 
 def test_a_resumed_run_keeps_its_crops():
     """It changes the crops, so resume refuses a changed value (it is not a key that may differ)."""
-    assert checkpoint.differing_keys({"data.gpu_augment": "auto"}, {"data.gpu_augment": True}) == [
+    assert resume.differing_keys({"data.gpu_augment": "auto"}, {"data.gpu_augment": True}) == [
         "data.gpu_augment"
     ]
 

@@ -23,7 +23,7 @@ def test_every_model_and_mode_composes_into_a_spec(model, mode):
     parsed = config.mode_of(cfg.mode)
     assert parsed.pretrained == (mode != "scratch")
     assert parsed.train_backbone == (mode != "feature_extract")
-    config.check_values(cfg)
+    config.read(cfg)
 
 
 def test_an_aux_loss_weight_needs_an_aux_head():
@@ -49,7 +49,7 @@ def test_an_aux_loss_weight_needs_an_aux_head():
 def test_values_no_training_can_use_are_refused(override, message):
     cfg = compose_cfg("model=inception", "mode=finetune", override)
     with pytest.raises(VisiontuneError, match=message):
-        config.check_values(cfg)
+        config.read(cfg)
 
 
 def test_default_is_the_tutorials_experiment():

@@ -57,7 +57,9 @@ def imported(name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # from . import x, from .store import y
-                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base]).strip(".")
+                base = ".".join(
+                    [*package.split(".")[: len(package.split(".")) - node.level + 1], base]
+                ).strip(".")
             found.add(base)
             found |= {f"{base}.{alias.name}" for alias in node.names}
     return {m for m in found if m in MODULES}
@@ -96,7 +98,9 @@ def test_no_call_passes_more_than_six_positional_arguments(name):
         for node in ast.walk(tree(name))
         if isinstance(node, ast.Call) and len(node.args) > MAX_POSITIONAL
     ]
-    assert not calls, f"{name}: calls with more than {MAX_POSITIONAL} positional arguments at {', '.join(calls)}"
+    assert not calls, (
+        f"{name}: calls with more than {MAX_POSITIONAL} positional arguments at {', '.join(calls)}"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if not is_command(n)))

@@ -400,7 +400,7 @@ def test_four_launches_in_the_same_second_keep_their_own_folders(tmp_path, tiny_
     args = [f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST, "mlflow.log_model=false"]
     launches = [
         subprocess.Popen(
-            [sys.executable, "-m", "visiontune.cli", *args, f"seed={seed}"],
+            [sys.executable, "-m", "visiontune.train", *args, f"seed={seed}"],
             **{"cwd": tmp_path, "env": cli_env(tmp_path), "stderr": subprocess.PIPE, "text": True},
         )
         for seed in (1, 2, 3, 4)

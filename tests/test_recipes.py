@@ -63,7 +63,7 @@ def test_trainable_from_must_name_a_group():
 
     cfg = compose_cfg("model=resnet", "mode=finetune", "mode.trainable_from=layer3")
     with pytest.raises(VisiontuneError, match="use one of early, middle, late, head"):
-        config.check_values(cfg)
+        config.read(cfg)
 
 
 def test_staged_mode_unfreezes_group_by_group_and_keeps_its_rates(standin_weights):

@@ -61,13 +61,13 @@ def test_launcher_presets_extend_the_plugins_with_gpus_asked_for_and_a_longer_ti
 def test_a_missing_submitit_plugin_is_one_line_naming_the_extra(monkeypatch, capsys):
     import importlib.util
 
-    from visiontune import cli
+    from visiontune import train
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if "submitit" in name else real(name))
     monkeypatch.setattr(sys, "argv", ["visiontune-train", "-m", "hydra/launcher=slurm", "seed=1,2"])
     with pytest.raises(SystemExit) as stopped:
-        cli.cli()
+        train.cli()
     assert stopped.value.code == (
         'error: hydra/launcher=slurm needs a Hydra plugin that is not installed: pip install "visiontune[slurm]"'
     )
@@ -97,13 +97,13 @@ def test_a_local_sweep_on_a_gpu_machine_says_when_its_jobs_would_get_no_gpu(
 def test_a_slurm_sweep_where_there_is_no_slurm_stops_before_anything_is_recorded(tmp_path, monkeypatch):
     import shutil
 
-    from visiontune import cli
+    from visiontune import train
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(sys, "argv", ["visiontune-train", "-m", "hydra/launcher=slurm", "seed=1,2"])
     with pytest.raises(SystemExit) as stopped:
-        cli.cli()
+        train.cli()
     assert "hydra/launcher=slurm submits each job with SLURM's sbatch" in str(stopped.value.code)
     assert "hydra/launcher=local" in str(stopped.value.code), "says how to try it here"
     assert not (tmp_path / "outputs").exists()
@@ -148,7 +148,7 @@ def test_a_preempted_submitit_job_is_requeued_and_continues_its_own_mlflow_run(t
     fast = [o for o in FAST if not o.startswith("epochs=")]
     args = ["-m", "seed=1", *data_args(tiny_folder), *fast, f"epochs={epochs}", "mlflow.log_model=false"]
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "visiontune.cli", *args, "hydra/launcher=submitit_local"],
+        [sys.executable, "-m", "visiontune.train", *args, "hydra/launcher=submitit_local"],
         **{"cwd": tmp_path, "env": cli_env(tmp_path), "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT},
         text=True,
     )
@@ -202,7 +202,7 @@ def test_a_killed_submitit_job_stops_the_wait_in_one_line_and_leaves_running_job
     # To a file: the job left running holds what submitit_local's processes inherited (a pipe's end).
     console = open(tmp_path / "console.txt", "w")  # noqa: SIM115
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "visiontune.cli", *args, "hydra/launcher=submitit_local"],
+        [sys.executable, "-m", "visiontune.train", *args, "hydra/launcher=submitit_local"],
         **{"cwd": tmp_path, "env": cli_env(tmp_path), "stdout": console, "stderr": console},
     )
     jobs = []

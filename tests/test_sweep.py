@@ -287,7 +287,7 @@ def test_a_killed_sweep_resumed_with_resume_last_trains_only_what_is_left(tmp_pa
     ]
     store = tmp_path / "outputs" / "mlflow.db"
     process = subprocess.Popen(
-        [sys.executable, "-m", "visiontune.cli", *args, "mlflow.log_model=false"],
+        [sys.executable, "-m", "visiontune.train", *args, "mlflow.log_model=false"],
         **{
             "cwd": tmp_path,
             "env": cli_env(tmp_path),

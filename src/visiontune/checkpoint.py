@@ -1,14 +1,14 @@
-"""Checkpoints: what a run needs to continue exactly where it stopped, written atomically.
+"""Checkpoint files: what a run needs to continue exactly where it stopped, written atomically.
 
 `last.pt` after every epoch (model, optimizer, scheduler, scaler, progress, every random state,
 the epoch's metrics, the run id and config); `best.pt` only when an epoch improves, so the best
 weights are not rewritten every epoch. Each file is written beside its name, then renamed.
+Which checkpoint a run continues from is resume.py's decision.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import os
 import random
 from collections.abc import Mapping
@@ -17,23 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from visiontune import VisiontuneError, engine, store
+from visiontune import VisiontuneError, engine
 
 LAST, BEST = "last.pt", "best.pt"
-# Keys that may change on resume: how long it trains, and what does not change the numbers
-# (where the run is recorded, how many processes decode, how many images a frozen backbone
-# takes at once; results do not depend on the latter).
-MAY_DIFFER = (
-    "epochs",
-    "resume",
-    "checkpoint.",
-    "mlflow.",
-    "num_workers",
-    "data.cache_mb",
-    "backbone_batch_size",
-)
 
 
 @dataclass(frozen=True)
@@ -109,13 +96,6 @@ def restore(saved: Saved, training: engine.Training) -> engine.Progress:
     return engine.Progress(**saved.state["progress"], best_state=best_state)
 
 
-def differing_keys(saved: Mapping, current: Mapping) -> list[str]:
-    """Flattened config keys whose values differ, leaving out those that may (MAY_DIFFER)."""
-    keys = saved.keys() | current.keys()
-    changed = [k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>")]
-    return sorted(k for k in changed if not any(k == m or k.startswith(m) for m in MAY_DIFFER))
-
-
 def _random_states() -> dict:
     name, keys, position, has_gauss, gauss = np.random.get_state()
     return {
@@ -137,119 +117,11 @@ def _set_random_states(states: Mapping) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-# --- finding the checkpoint to resume -------------------------------------------------------------
-
-FOLDER_TAG, DIGEST_TAG, RESUME_TAG = store.CHECKPOINT_TAG, store.DIGEST_TAG, store.RESUME_TAG
-
-
-def flat_config(cfg: DictConfig) -> dict:
-    """The config as key -> value, unresolved (`${epochs}` stays a reference), `_target_` included."""
-    return dict(_flat(OmegaConf.to_container(cfg, resolve=False)))
-
-
-def _flat(tree: Mapping, prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            yield from _flat(value, f"{prefix}{key}.")
-        else:  # a leaf, or an empty group (scheduler: none) that must come back as one
-            yield f"{prefix}{key}", value
-
-
-def digest(flat: Mapping) -> str:
-    """A short fingerprint of everything that shapes training (MAY_DIFFER left out)."""
-    kept = {k: v for k, v in flat.items() if not _may_differ(k)}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _may_differ(key: str) -> bool:
-    return any(key == m or key.startswith(m) for m in MAY_DIFFER)
-
-
-def find(value: str, client, experiment_id: str, cfg: DictConfig) -> Saved:
-    """The checkpoint that `resume=<value>` names, of a run no live process is still writing."""
-    saved = _find(value, client, experiment_id, cfg)
-    refuse_if_training(client.get_run(saved.run_id), f"resume={value}")
-    return saved
-
-
-def refuse_if_training(run, why: str) -> None:
-    """Stop where a live process on this host still trains `run`: continued twice at once, it
-    would log every epoch twice."""
-    from visiontune.runs import process_state
-
-    process = run.data.tags.get(store.PROCESS_TAG)
-    if run.info.status == "RUNNING" and process_state(process) == "alive":
-        raise VisiontuneError(
-            f"{why}: run {run.info.run_id} is still being trained by process {process}; "
-            f"let it end or stop it first (a run continued twice at once would log every epoch twice)"
-        )
-
-
-def _find(value: str, client, experiment_id: str, cfg: DictConfig) -> Saved:
-    """The checkpoint that `resume=<value>` names: a run id, a checkpoint file or folder, or last."""
-    if value == "last":
-        return _newest_interrupted(client, experiment_id, digest(flat_config(cfg)))
-    if Path(value).exists():
-        return read(Path(value))
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = client.get_run(value)
-    except MlflowException:
-        raise VisiontuneError(
-            f"resume={value} is neither a run id in this store nor a checkpoint file or folder; "
-            f"the KILLED run's {RESUME_TAG} tag has the command, or use resume=last"
-        ) from None
-    if FOLDER_TAG not in run.data.tags:
-        raise VisiontuneError(f"resume={value}: run {value} recorded no checkpoint, so it cannot be resumed")
-    return read(Path(run.data.tags[FOLDER_TAG]))
-
-
-def _newest_interrupted(client, experiment_id: str, wanted: str) -> Saved:
-    query = f"tags.`{DIGEST_TAG}` = '{wanted}' and attributes.status != 'FINISHED'"
-    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise VisiontuneError(
-            "resume=last: no interrupted run of this experiment has this config; give the same "
-            "overrides as the run to resume, or resume=<run id>"
-        )
-    return read(Path(runs[0].data.tags[FOLDER_TAG]))
-
-
-def resumed_config(saved: Saved, cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The saved run's config, with this command line's `epochs` (and keys that change no number).
-
-    A key given now with a value that would change training is refused, naming it.
-    """
-    now = flat_config(cfg)
-    given = {o.lstrip("+~").partition("=")[0] for o in overrides}
-    clash = [k for k in differing_keys(saved.config, now) if k in given]
-    if clash:
-        raise VisiontuneError(
-            f"resume: {', '.join(clash)} differ from the run being resumed, which would change its "
-            f"training; only epochs (and where it is recorded) may change. Start a new run instead."
-        )
-    stretched = "epochs" in given and now.get("epochs") != saved.config.get("epochs")
-    if stretched and saved.config.get("scheduler.interval") == "batch":
-        raise VisiontuneError(
-            f"resume: epochs={now.get('epochs')} would stretch the run's per-batch schedule "
-            f"({saved.config.get('scheduler._target_')}), laid out for its {saved.config.get('epochs')} "
-            f"epochs; resume without epochs=, or start a new run from its model "
-            f"(model.weights=runs:/{saved.run_id}/model)"
-        )
-    resumed = OmegaConf.create(_nest(saved.config))
-    for key in given:
-        if _may_differ(key) and key in now:
-            OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
-    return resumed
-
-
-def _nest(flat: Mapping) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+def remove(folder: Path) -> None:
+    """Delete the files a run wrote in `folder`, and the folder if that leaves it empty: never
+    anything else a user (or another run sharing the folder) keeps there."""
+    for name in (LAST, BEST):
+        for path in (folder / name, folder / (name + ".partial")):
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # absent, or holding files that are not this run's
+        folder.rmdir()

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -79,6 +80,44 @@ class Mode:
         return names[first:]
 
 
+@dataclass(frozen=True)
+class Job:
+    """What Hydra knows of this run: where it was launched, where it writes, what was overridden."""
+
+    launch_dir: Path
+    output_dir: Path
+    log_file: Path
+    choices: Mapping[str, str]
+    overrides: list[str]
+    number: int | None  # the job's number in a multirun
+    sweep_dir: Path | None  # a multirun's folder, where its sweep hand-off waits
+    started: float  # time.monotonic() when its start-up began (recorder.startup_began)
+
+    @classmethod
+    def from_hydra(cls, started: float) -> Job:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra = HydraConfig.get()
+        launch_dir, output_dir = Path(hydra.runtime.cwd), Path(hydra.runtime.output_dir)
+        multirun = hydra.mode == RunMode.MULTIRUN
+        return cls(
+            launch_dir,
+            output_dir,
+            log_file=output_dir / f"{hydra.job.name}.log",
+            choices=dict(hydra.runtime.choices),
+            overrides=list(hydra.overrides.task),
+            number=hydra.job.num if multirun else None,
+            sweep_dir=launch_dir / hydra.sweep.dir if multirun else None,
+            started=started,
+        )
+
+    @property
+    def checkpoints(self) -> Path:
+        """The folder this job's checkpoints go to (shared by a torchrun launch's restarts)."""
+        return self.output_dir / "checkpoints"
+
+
 def model_spec(model_cfg: DictConfig) -> ModelSpec:
     """The spec of the composed `model` group; `weights` is the user's choice, not a fact of it."""
     facts = OmegaConf.to_container(model_cfg, resolve=True)
@@ -108,68 +147,260 @@ def model_names() -> list[str]:
 
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
+# Keys added after runs were first recorded: a checkpoint written before a key existed lacks it,
+# and the run resumes with the value it trained with. The one place, besides conf/, where a key's
+# default is written.
+EARLIER_DEFAULTS = {
+    "data.gpu_augment": False,  # crops were drawn and rendered in the data workers
+    "data.max_image_pixels": None,
+    "backbone_batch_size": "auto",
+    "compile": False,
+    "optimizer.lr_decay": 1.0,
+    "optimizer.decay_norm_and_bias": True,
+    "scheduler.interval": "epoch",
+    "mlflow.registered_model_name": None,
+    "mlflow.champion_alias": "champion",
+}
 
-def check_values(cfg: DictConfig) -> None:
-    """Refuse values no training can use, naming the key, the value and the fix.
+
+def _value(cfg: DictConfig, key: str):
+    """cfg's value at `key`; for a key an earlier run's config lacks, the value it trained with."""
+    value = OmegaConf.select(cfg, key, default=_ABSENT)
+    if value is _ABSENT:
+        return EARLIER_DEFAULTS[key]
+    return value
+
+
+_ABSENT = object()
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The `data` group: where the images are, how they are checked, cached and augmented."""
+
+    root: str
+    url: str | None
+    md5: str | None
+    tree_sha256: str | None
+    skip_bad_images: bool
+    max_image_pixels: int | None
+    cache_mb: int
+    gpu_augment: bool | str  # auto | true | false
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache_mb * 2**20
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Where and how a run computes: device, precision, memory layout, workers, determinism."""
+
+    device: str
+    precision: str
+    channels_last: bool | str
+    num_workers: int | str
+    deterministic: bool
+    compile: bool
+    backbone_batch_size: int | str  # images a frozen backbone takes at once in training, or auto
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """The optimiser and schedule: `optimizer` and `scheduler` stay mappings with a `_target_`
+    (any torch class, instantiated by optim.py); the keys visiontune reads itself are fields."""
+
+    optimizer: Mapping  # resolved, without lr, lr_decay and decay_norm_and_bias
+    scheduler: Mapping | None  # resolved, without interval; None: scheduler=none
+    lr: float  # the head's rate
+    lr_decay: float  # each layer group below the head: its rate times this once more
+    decay_norm_and_bias: bool
+    per_batch: bool  # the schedule steps after every batch (scheduler.interval=batch)
+    label_smoothing: float
+
+    @property
+    def optimizer_name(self) -> str:
+        return self.optimizer["_target_"].rsplit(".", 1)[-1].lower()
+
+    @property
+    def scheduler_name(self) -> str:
+        return self.scheduler["_target_"].rsplit(".", 1)[-1] if self.scheduler else "none"
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    every_epochs: int  # 0: no checkpoints
+    log_to_mlflow: bool
+    keep_after_finish: bool
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    tracking_uri: str | None
+    experiment_name: str
+    log_model: bool
+    registered_model_name: str | None
+    champion_alias: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run's whole config, read once and checked: what every step below run(cfg) is handed."""
+
+    model: ModelSpec
+    weights: str | None  # model.weights: the user's choice of starting weights, not a fact of the model
+    mode: Mode
+    data: DataSettings
+    runtime: RuntimeSettings
+    optim: OptimSettings
+    checkpoint: CheckpointSettings
+    mlflow: MlflowSettings
+    epochs: int
+    batch_size: int
+    seed: int
+    resume: str | None
+
+
+def read(cfg: DictConfig) -> Settings:
+    """The composed config as typed values, each checked; a value no training can use is refused
+    naming the key, the value and the fix.
 
     Needs neither torch nor the store: a typo is answered at once and leaves no run behind.
     """
     for key, example in (("epochs", 15), ("batch_size", 8)):
         _check_number(key, OmegaConf.select(cfg, key), example, whole=True)
-    _check_number("optimizer.lr", cfg.optimizer.lr, 0.001, whole=False)
-    spec = model_spec(cfg.model)
+    spec, mode = model_spec(cfg.model), mode_of(cfg.mode)
+    _check_model(spec, cfg.batch_size)
+    _check_mode(mode, spec, cfg.epochs)
+    weights = cfg.model.weights
+    if mode.pretrained and weights is None:
+        raise VisiontuneError(
+            f"mode={mode.name} starts from pretrained weights but model.weights is null: "
+            f"set model.weights=DEFAULT or a state-dict path, or use mode=scratch"
+        )
+    return Settings(
+        model=spec,
+        weights=None if weights is None else str(weights),
+        mode=mode,
+        data=_data_settings(cfg),
+        runtime=_runtime_settings(cfg),
+        optim=_optim_settings(cfg),
+        checkpoint=_checkpoint_settings(cfg.checkpoint),
+        mlflow=read_mlflow(cfg),
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        resume=None if cfg.resume is None else str(cfg.resume),
+    )
+
+
+def _check_model(spec: ModelSpec, batch_size: int) -> None:
     if spec.input_size < spec.min_input_size:
         raise VisiontuneError(
             f"model.input_size={spec.input_size} is too small for {spec.name}: it needs at least "
             f"{spec.min_input_size} px (model.input_size={spec.min_input_size})"
         )
-    if cfg.batch_size < spec.min_batch_size:
+    if batch_size < spec.min_batch_size:
         raise VisiontuneError(
-            f"batch_size={cfg.batch_size} is too small for {spec.name}: batch norm in its training needs "
+            f"batch_size={batch_size} is too small for {spec.name}: batch norm in its training needs "
             f"at least {spec.min_batch_size} images per batch (batch_size={spec.min_batch_size} or more)"
         )
+
+
+def _data_settings(cfg: DictConfig) -> DataSettings:
+    gpu_augment = _value(cfg, "data.gpu_augment")
+    if not (isinstance(gpu_augment, bool) or gpu_augment == "auto"):  # 1 == True: not a flag here
+        raise VisiontuneError(
+            f"data.gpu_augment={gpu_augment} must be auto (crops rendered on a CUDA device), "
+            f"true (on any device) or false (in the data workers)"
+        )
+    data = cfg.data
+    return DataSettings(
+        root=str(data.root),
+        url=data.url,
+        md5=data.md5,
+        tree_sha256=data.tree_sha256,
+        skip_bad_images=data.skip_bad_images,
+        max_image_pixels=_value(cfg, "data.max_image_pixels"),
+        cache_mb=data.cache_mb,
+        gpu_augment=gpu_augment,
+    )
+
+
+def _runtime_settings(cfg: DictConfig) -> RuntimeSettings:
     if cfg.num_workers != "auto" and (not isinstance(cfg.num_workers, int) or cfg.num_workers < 0):
         raise VisiontuneError(f"num_workers={cfg.num_workers} must be auto or a whole number, 0 or more")
     if str(cfg.precision) not in PRECISIONS:
         raise VisiontuneError(f"precision={cfg.precision} must be one of {', '.join(PRECISIONS)}")
     if cfg.channels_last not in (True, False, "auto"):
         raise VisiontuneError(f"channels_last={cfg.channels_last} must be auto, true or false")
-    backbone = cfg.get("backbone_batch_size", "auto")
+    backbone = _value(cfg, "backbone_batch_size")
     if backbone != "auto" and (isinstance(backbone, bool) or not isinstance(backbone, int) or backbone < 1):
         raise VisiontuneError(
             f"backbone_batch_size={backbone} must be auto or a whole number of images, 1 or more "
             f"(it is rounded down to a multiple of batch_size={cfg.batch_size})"
         )
-    if cfg.get("compile", False) not in (True, False):
-        raise VisiontuneError(f"compile={cfg.compile} must be true or false")
-    if cfg.deterministic not in (True, False):
-        raise VisiontuneError(f"deterministic={cfg.deterministic} must be true or false")
-    gpu_augment = cfg.data.get("gpu_augment", False)
-    if not (isinstance(gpu_augment, bool) or gpu_augment == "auto"):  # 1 == True: not a flag here
-        raise VisiontuneError(
-            f"data.gpu_augment={gpu_augment} must be auto (crops rendered on a CUDA device), "
-            f"true (on any device) or false (in the data workers)"
-        )
+    for key in ("compile", "deterministic"):
+        if _value(cfg, key) not in (True, False):
+            raise VisiontuneError(f"{key}={_value(cfg, key)} must be true or false")
+    if not DEVICE.fullmatch(str(cfg.device)):
+        raise VisiontuneError(f"device={cfg.device} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    return RuntimeSettings(
+        device=str(cfg.device),
+        precision=str(cfg.precision),
+        channels_last=cfg.channels_last,
+        num_workers=cfg.num_workers,
+        deterministic=cfg.deterministic,
+        compile=_value(cfg, "compile"),
+        backbone_batch_size=backbone,
+    )
+
+
+def _optim_settings(cfg: DictConfig) -> OptimSettings:
+    _check_number("optimizer.lr", cfg.optimizer.lr, 0.001, whole=False)
+    lr_decay = _value(cfg, "optimizer.lr_decay")
+    _check_number("optimizer.lr_decay", lr_decay, 0.3, whole=False)
     smoothing = cfg.loss.label_smoothing
     if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing < 1:
         raise VisiontuneError(
             f"loss.label_smoothing={smoothing} must be a number from 0 up to (not including) 1, e.g. 0.1"
         )
-    lr_decay = cfg.optimizer.get("lr_decay", 1.0)
-    _check_number("optimizer.lr_decay", lr_decay, 0.3, whole=False)
-    every = cfg.checkpoint.every_epochs
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    for key in ("lr", "lr_decay", "decay_norm_and_bias"):
+        optimizer.pop(key, None)
+    scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None
+    if scheduler is not None:
+        scheduler.pop("interval", None)
+    return OptimSettings(
+        optimizer=optimizer,
+        scheduler=scheduler,
+        lr=cfg.optimizer.lr,
+        lr_decay=lr_decay,
+        decay_norm_and_bias=_value(cfg, "optimizer.decay_norm_and_bias"),
+        per_batch=bool(cfg.scheduler) and _value(cfg, "scheduler.interval") == "batch",
+        label_smoothing=smoothing,
+    )
+
+
+def _checkpoint_settings(checkpoint: DictConfig) -> CheckpointSettings:
+    every = checkpoint.every_epochs
     if not isinstance(every, int) or isinstance(every, bool) or every < 0:
         raise VisiontuneError(f"checkpoint.every_epochs={every} must be a whole number, 0 (none) or more")
-    if not DEVICE.fullmatch(str(cfg.device)):
-        raise VisiontuneError(f"device={cfg.device} is not a device: use auto, cpu, cuda, cuda:N or mps")
-    _check_registry(cfg.mlflow)
-    mode = mode_of(cfg.mode)
-    _check_mode(mode, spec, cfg.epochs)
-    if mode.pretrained and cfg.model.weights is None:
-        raise VisiontuneError(
-            f"mode={mode.name} starts from pretrained weights but model.weights is null: "
-            f"set model.weights=DEFAULT or a state-dict path, or use mode=scratch"
-        )
+    return CheckpointSettings(every, checkpoint.log_to_mlflow, checkpoint.keep_after_finish)
+
+
+def read_mlflow(cfg: DictConfig) -> MlflowSettings:
+    """The `mlflow` settings alone, checked: where a run is recorded, known before it starts."""
+    name, alias = _value(cfg, "mlflow.registered_model_name"), _value(cfg, "mlflow.champion_alias")
+    _check_registry(name, alias)
+    return MlflowSettings(
+        tracking_uri=cfg.mlflow.tracking_uri,
+        # YAML reads 2024 or nan as a number: the experiment is named by the text the user typed.
+        experiment_name=str(cfg.mlflow.experiment_name),
+        log_model=cfg.mlflow.log_model,
+        registered_model_name=name,
+        champion_alias=alias,
+    )
 
 
 def _check_mode(mode: Mode, spec: ModelSpec, epochs: int) -> None:
@@ -191,14 +422,12 @@ def _check_mode(mode: Mode, spec: ModelSpec, epochs: int) -> None:
 ALIAS = re.compile(r"(?!latest$)(?![vV]\d+$)[\w-]{1,255}")
 
 
-def _check_registry(mlflow_cfg: DictConfig) -> None:
-    name = mlflow_cfg.get("registered_model_name")
+def _check_registry(name, alias) -> None:
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise VisiontuneError(
             f"mlflow.registered_model_name={name!r} must be a model name, "
             "e.g. mlflow.registered_model_name=ants"
         )
-    alias = mlflow_cfg.get("champion_alias")
     if name is not None and not (isinstance(alias, str) and ALIAS.fullmatch(alias)):
         raise VisiontuneError(
             f"mlflow.champion_alias={alias!r} is not an MLflow alias: letters, digits, _ and -, "

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
 from visiontune import VisiontuneError
+from visiontune.config import OptimSettings
 from visiontune.models import PreparedModel
 
 log = logging.getLogger("visiontune")
@@ -31,38 +31,32 @@ def group_rates(prepared: PreparedModel, lr: float, lr_decay: float) -> dict[str
     return {name: lr * lr_decay ** (len(names) - 1 - i) for i, name in enumerate(names)}
 
 
-def build_optimizer(optimizer_cfg: DictConfig, prepared: PreparedModel) -> torch.optim.Optimizer:
+def build_optimizer(settings: OptimSettings, prepared: PreparedModel) -> torch.optim.Optimizer:
     """The configured torch optimiser over every group that ever trains, each at its own rate.
 
     Groups still frozen are in it from the start (their gradients are None until they unfreeze,
     which every torch optimiser skips), so a staged run keeps one optimiser and one schedule.
     """
-    settings = OmegaConf.to_container(optimizer_cfg, resolve=True)
-    lr_decay = settings.pop("lr_decay", 1.0)
-    decay_all = settings.pop("decay_norm_and_bias", True)
     param_groups = []
-    for name, lr in group_rates(prepared, settings["lr"], lr_decay).items():
+    for name, lr in group_rates(prepared, settings.lr, settings.lr_decay).items():
         params = prepared.groups[name]
         # Norm weights and biases are 1-d: decaying them pulls scales and offsets to 0 for no gain.
-        kept = [p for p in params if decay_all or p.ndim > 1]
-        spared = [p for p in params if not (decay_all or p.ndim > 1)]
+        kept = [p for p in params if settings.decay_norm_and_bias or p.ndim > 1]
+        spared = [p for p in params if not (settings.decay_norm_and_bias or p.ndim > 1)]
         param_groups.append({"params": kept, "lr": lr, "name": name})
         if spared:
             param_groups.append({"params": spared, "lr": lr, "name": name, "weight_decay": 0.0})
-    del settings["lr"]
-    return instantiate(settings)(params=[g for g in param_groups if g["params"]])
+    return instantiate(dict(settings.optimizer))(params=[g for g in param_groups if g["params"]])
 
 
 def build_scheduler(
-    scheduler_cfg: DictConfig | None, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int
-) -> tuple[torch.optim.lr_scheduler.LRScheduler | None, bool]:
-    """(the schedule, whether it steps after every batch); (None, False) for scheduler=none."""
-    if not scheduler_cfg:
-        return None, False
-    settings = OmegaConf.to_container(scheduler_cfg, resolve=True)
-    per_batch = settings.pop("interval", "epoch") == "batch"
-    extra = {"total_steps": epochs * steps_per_epoch} if per_batch else {}
-    return instantiate(settings)(optimizer=optimizer, **extra), per_batch
+    settings: OptimSettings, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The configured schedule (a per-batch one learns the run's number of steps); None: scheduler=none."""
+    if settings.scheduler is None:
+        return None
+    extra = {"total_steps": epochs * steps_per_epoch} if settings.per_batch else {}
+    return instantiate(dict(settings.scheduler))(optimizer=optimizer, **extra)
 
 
 def one_cycle(

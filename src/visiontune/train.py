@@ -1,7 +1,284 @@
-"""`python -m visiontune.train`, the module torchrun runs (`torchrun -m visiontune.train ...`):
-the same command as visiontune-train."""
+"""The visiontune-train command, also `torchrun -m visiontune.train`: one-line errors, exit codes, fast help.
 
-from visiontune.cli import cli
+torch and mlflow are imported by the pipeline, not here, so that --help, --cfg and config
+errors answer at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+from typing import NoReturn
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from visiontune import VisiontuneError, config, distributed, user_message
+
+log = logging.getLogger("visiontune")
+
+# Options that live in optional Hydra plugins: (override, plugin module, what to install).
+PLUGIN_OPTIONS = (
+    ("search=optuna", "hydra_plugins.hydra_optuna_sweeper", "visiontune[optuna]"),
+    ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "visiontune[optuna]"),
+    *(
+        (f"hydra/launcher={name}", "hydra_plugins.hydra_submitit_launcher", "visiontune[slurm]")
+        # the plugin's two launchers, and visiontune's presets over them (conf/hydra/launcher)
+        for name in ("submitit_slurm", "submitit_local", "slurm", "local")
+    ),
+)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://visiontune.conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Train one configuration; returns its best validation accuracy (for sweepers)."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    launch = distributed.Launch.from_env()
+    rank = launch.rank if launch else 0
+    _set_up_process(multirun, rank)
+    try:
+        if not multirun:  # a bad value is refused before any run is recorded (a sweep's job records it)
+            _check_values(cfg, rank)
+        from visiontune import pipeline  # torch and mlflow: only once the config is known to be good
+
+        return pipeline.run(cfg)
+    except VisiontuneError as err:
+        log.error("error: %s", user_message(err))
+        if multirun:  # the sweep goes on; the job's MLflow run is already FAILED
+            return None
+        raise SystemExit(1) from None
+    except Requeued as requeued:
+        log.warning("requeued (preempted or out of time): the job continues this MLflow run when it restarts")
+        raise SystemExit(requeued.code) from None  # the exit code submitit chose (local: "requeue me")
+    except KeyboardInterrupt as err:
+        _interrupted(err, launch, rank)
+    except Exception:
+        if not multirun:
+            raise
+        log.exception("job failed")
+        return None
+
+
+def _set_up_process(multirun: bool, rank: int) -> None:
+    """Console prefixes for jobs and ranks that share a console, and how SIGTERM stops the run."""
+    if multirun:  # jobs of a parallel sweep share one console
+        _prefix_console(f"#{HydraConfig.get().job.num} ")
+    if rank > 0:  # torchrun's ranks share one console too; rank 0 speaks for the run
+        _prefix_console(f"[rank {rank}] ")
+    if threading.current_thread() is threading.main_thread():
+        if SUBMITIT_JOB in os.environ:
+            _end_killed_on_requeue()
+        else:
+            signal.signal(signal.SIGTERM, _terminate)
+
+
+def _interrupted(err: KeyboardInterrupt, launch: distributed.Launch | None, rank: int) -> NoReturn:
+    """Ctrl-C (exit 130), SIGTERM (143) or a lost torchrun peer (1), said once."""
+    if launch is not None and threading.current_thread() is threading.main_thread():
+        # torchrun sends SIGTERM to the ranks left once one stops: it must not cut this exit short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if isinstance(err, distributed.PeerLost):  # a run it had open already said "MLflow run ... KILLED"
+        log.error("error: %s", err)
+        raise SystemExit(1) from None
+    stopped = isinstance(err, Terminated)
+    if rank == 0:  # other ranks record no run
+        log.error("%s: the MLflow run is marked KILLED", "terminated" if stopped else "interrupted")
+    raise SystemExit(143 if stopped else 130) from None
+
+
+def _check_values(cfg: DictConfig, rank: int) -> None:
+    """config.read; under torchrun every rank finds the same mistake, and rank 0 alone says it."""
+    try:
+        config.read(cfg)
+    except VisiontuneError:
+        if rank > 0:
+            raise SystemExit(1) from None
+        raise
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and `timeout` send): stop as on Ctrl-C, exit 143."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+# Set by submitit in every process it starts for a job, on SLURM (submitit_slurm) or here (submitit_local).
+SUBMITIT_JOB = "SUBMITIT_EXECUTOR"
+
+
+class Requeued(KeyboardInterrupt):
+    """submitit requeued this job (preemption, time-out) and ends its process: the run is KILLED, not
+    FAILED, and the job's next start continues it (resume.decide)."""
+
+    def __init__(self, code) -> None:
+        super().__init__()
+        self.code = code
+
+
+def _end_killed_on_requeue() -> None:
+    """Leave submitit's signal handlers in place, with its requeue ending the MLflow run KILLED.
+
+    submitit ignores SIGTERM (SLURM sends it before a preemption's USR2, and a job that stopped then
+    would never be requeued) and, on USR2, checkpoints and requeues the job, then exits through
+    SystemExit, which a run would record as FAILED. Its exit code is kept: 144 makes
+    submitit_local start the job again.
+    """
+    from submitit import JobEnvironment
+
+    from visiontune import store
+
+    number = getattr(signal, f"SIG{JobEnvironment.USR_SIG}")  # USR2 unless $SUBMITIT_PREEMPT_SIGNAL
+    requeue = signal.getsignal(number)
+    if not callable(requeue):
+        return
+
+    def requeued(signum, frame) -> None:
+        try:
+            requeue(signum, frame)
+        except SystemExit as leaving:
+            raise Requeued(leaving.code) from None
+
+    signal.signal(number, requeued)
+    store.hold_during_writes(number)  # never in the middle of a write to the store
+
+
+def cli() -> None:
+    """The console script: main(), after checking that options from optional plugins can load.
+
+    Without the plugin Hydra only says it cannot find 'hydra/sweeper/optuna'; this says what to
+    install instead.
+    """
+    launch = distributed.Launch.from_env()
+    args = sys.argv[1:]
+    if launch is None:
+        # Read by conf/train.yaml: runs launched in the same second still get folders of their own.
+        os.environ["VISIONTUNE_LAUNCH_ID"] = str(os.getpid())
+    for option, module, extra in PLUGIN_OPTIONS:
+        if option in args and importlib.util.find_spec(module) is None:
+            missing = f'{option} needs a Hydra plugin that is not installed: pip install "{extra}"'
+            _stop(launch, f"error: {missing}")
+    slurm = [o for o in ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm") if o in args]
+    if slurm and shutil.which("sbatch") is None:  # submitit would fail only after the parent run exists
+        _stop(
+            launch,
+            f"error: {slurm[0]} submits each job with SLURM's sbatch, which this machine does not have: "
+            f"launch from a login node of the cluster, or try the sweep here with hydra/launcher=local",
+        )
+    try:
+        config.check_command_line(args)
+    except VisiontuneError as err:
+        _stop(launch, f"error: {user_message(err)}")
+    multirun = bool({"-m", "--multirun"} & set(args))
+    if multirun and launch is not None:
+        _stop(launch, "error: -m/--multirun cannot run under torchrun: start the sweep without torchrun")
+    if multirun:
+        _sweep()
+        return
+    if launch is not None:
+        sys.argv += _torchrun_overrides(launch, args)
+    main()
+
+
+def _stop(launch: distributed.Launch | None, message: str) -> None:
+    """Exit 1 with `message`; under torchrun rank 0 alone prints it, not once per rank."""
+    sys.exit(message if launch is None or launch.rank == 0 else 1)
+
+
+def _torchrun_overrides(launch: distributed.Launch, args: list[str]) -> list[str]:
+    """Hydra overrides for a torchrun worker: one output folder for all ranks, written by rank 0.
+
+    ${now:...} resolves differently on each rank (hydra issue 2070), and every rank would write
+    the same .hydra/ config and train.log (hydra issue 547). TORCHELASTIC_RUN_ID is the same on
+    every rank and in every restart of the launch, so a restart finds its checkpoints there.
+    """
+    overrides = []
+    if not any(arg.startswith("hydra.run.dir=") for arg in args):
+        overrides.append(f"hydra.run.dir='outputs/runs/torchrun/{launch.run_id}'")
+    if launch.rank > 0:  # no files, and only warnings on the console
+        os.environ["TQDM_DISABLE"] = "1"
+        overrides += [
+            "hydra.output_subdir=null",
+            "hydra.job_logging.root.handlers=[console]",
+            "hydra.job_logging.root.level=WARNING",
+        ]
+    return overrides
+
+
+WORKER_DIED = (
+    "a worker process of the joblib launcher died (killed, or out of memory) and joblib stops the whole "
+    "sweep: the jobs not FINISHED under its parent run did not run or were cut off; run the same "
+    "command again (with a lower hydra.launcher.n_jobs if memory ran out)"
+)
+
+
+SUBMITIT_JOB_LOST = (
+    "submitit job {job} ended without a result (killed, cancelled, out of memory, or out of time more "
+    "often than hydra.launcher.max_num_timeout): Hydra's launcher stops waiting there, while the jobs "
+    "still running go on and record their runs. When they have ended, run the same command with "
+    "resume=last to train what is left"
+)
+
+
+def _sweep() -> None:
+    """main() for a multirun, with a launcher's failure reported in one line.
+
+    Hydra prints a traceback for an error a launcher raises; with HYDRA_FULL_ERROR it raises it
+    instead, and what Hydra would have shown compactly is shown the same way here.
+    """
+    from concurrent.futures.process import BrokenProcessPool
+
+    from hydra.errors import CompactHydraException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except CompactHydraException as err:
+        cause = f"\n{err.__cause__}" if err.__cause__ is not None else ""
+        sys.exit(f"{err}{cause}")
+    except BrokenProcessPool:  # joblib's TerminatedWorkerError: one loky worker was killed
+        from visiontune import sweep
+
+        if not sweep.abandon_open_sweeps(WORKER_DIED):
+            sys.exit(f"error: {WORKER_DIED}")
+        sys.exit(1)
+    except Exception as err:
+        if not type(err).__module__.startswith("submitit."):  # UncompletedJobError, FailedJobError
+            raise
+        from visiontune import sweep
+
+        job = re.match(r"Job (\S+)", str(err))
+        reason = SUBMITIT_JOB_LOST.format(job=job.group(1) if job else "?")
+        # Its siblings may still be training (on SLURM they are jobs of their own): their runs stay open.
+        if not sweep.abandon_open_sweeps(reason, close_children=False):
+            sys.exit(f"error: {reason}")
+        sys.exit(1)
+
+
+def _prefix_console(prefix: str) -> None:
+    """Start every console line of this job with `prefix`, so parallel jobs' lines tell apart."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setFormatter(_Prefixed(prefix, handler.formatter))
+
+
+class _Prefixed(logging.Formatter):
+    def __init__(self, prefix: str, inner: logging.Formatter | None):
+        super().__init__()
+        self.prefix, self.inner = prefix, inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.prefix + self.inner.format(record)
+
 
 if __name__ == "__main__":
     cli()
