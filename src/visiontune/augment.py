@@ -71,7 +71,7 @@ class CropBatch:
     """A batch of Crops: the images padded to the largest height and width, their boxes and flips.
 
     pin_memory() and to() let it travel as a tensor would: DataLoader's pin_memory calls the one,
-    engine.Runtime.inputs the other, and then render().
+    runtime.Runtime.inputs the other, and then render().
     """
 
     images: torch.Tensor  # uint8 (B, 3, height, width), zero-padded at the bottom and right

@@ -94,11 +94,6 @@ class PreparedModel:
         )
 
     @property
-    def has_frozen_backbone(self) -> bool:
-        """Whether some epoch trains the head above a fixed backbone (feature_extract, staged)."""
-        return self.mode.freeze_norm_stats and (self.mode.freeze_epochs > 0 or not self.mode.train_backbone)
-
-    @property
     def fixed_backbone(self) -> bool:
         """Whether the backbone is a fixed function in every epoch (feature_extract)."""
         return self.mode.freeze_norm_stats and not self.mode.train_backbone

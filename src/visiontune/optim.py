@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from hydra.utils import instantiate
 
 from visiontune import VisiontuneError
-from visiontune.config import OptimSettings
-from visiontune.models import PreparedModel
+
+if TYPE_CHECKING:
+    from visiontune.config import OptimSettings
+    from visiontune.models import PreparedModel
 
 log = logging.getLogger("visiontune")
 MIN_ONE_CYCLE_STEPS = 4  # 2 to warm up, 2 to anneal

@@ -1,0 +1,193 @@
+"""Where the samples come from: the data folder downloaded and verified, its layout and images checked."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from visiontune import VisiontuneError
+from visiontune.data.images import TooManyPixels, header_problem
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+
+Sample = tuple[str, int]
+
+
+def prepare_root(root: Path, url: str | None, md5: str | None, tree_sha256: str | None) -> Path:
+    """The data folder, downloaded from `url` first if it is missing and a URL is known."""
+    if root.exists():
+        return root
+    if not url:
+        raise VisiontuneError(
+            f"data.root={root} does not exist. Point data.root at a folder holding train/ and val/ "
+            f"class folders (data.root=/path/to/images)."
+        )
+    download(url, root, md5, tree_sha256)
+    return root
+
+
+def download(url: str, root: Path, md5: str | None, tree_sha256: str | None) -> None:
+    """Download and extract the archive at `url` so that its top folder becomes `root`."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    staging = root.parent / f".{root.name}.download"
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("data.root=%s is missing: downloading %s", root, url)
+    try:  # whatever happens, the staging folder goes; only a verified tree becomes `root`
+        try:
+            download_and_extract_archive(url, download_root=str(staging), md5=md5)
+        except Exception as err:
+            raise VisiontuneError(
+                f"could not download {url} for data.root={root}: {err}. On an offline machine, "
+                f"unpack the archive yourself and pass data.root=/path/to/its/folder."
+            ) from err
+        tops = [p for p in staging.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))]
+        if len(tops) != 1:
+            raise VisiontuneError(f"the archive at {url} should hold one top folder, found {len(tops)}")
+        if tree_sha256 and (actual := tree_digest(tops[0])) != tree_sha256:
+            raise VisiontuneError(
+                f"the files downloaded from {url} fail their checksum (tree sha256 {actual}, "
+                f"expected {tree_sha256}): the download is damaged or the archive changed. "
+                f"Nothing was kept; run again, or unpack a trusted copy and pass data.root."
+            )
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tops[0].rename(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over the sorted 'relative/path<TAB>sha256(file)' lines of every file below root."""
+    lines = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        lines.append(f"{path.relative_to(root).as_posix()}\t{digest}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CheckedData:
+    """A folder that passed the checks: its classes and the readable samples of each split."""
+
+    root: Path
+    classes: list[str]
+    samples: dict[str, list[Sample]]
+    skipped: int  # unreadable images left out up front (with skip_bad)
+
+
+def check_folder(root: Path, skip_bad: bool, max_image_pixels: int | None = None) -> CheckedData:
+    """The layout checked, each image's header read once, and every class left with images."""
+    classes, samples = find_samples(root)
+    skipped = 0
+    for split in SPLITS:
+        samples[split], bad = drop_unreadable(samples[split], skip_bad, max_image_pixels)
+        skipped += bad
+    # After dropping: a class whose every image was unreadable is as empty as an empty folder.
+    _check_class_counts(root, classes, samples)
+    return CheckedData(root, classes, samples, skipped)
+
+
+def find_samples(root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
+    """Class names and (path, label) samples of each split, after checking the layout."""
+    split_classes = {split: class_folders(root, split) for split in SPLITS}
+    if split_classes["train"] != split_classes["val"]:
+        only_train = sorted(set(split_classes["train"]) - set(split_classes["val"]))
+        only_val = sorted(set(split_classes["val"]) - set(split_classes["train"]))
+        raise VisiontuneError(
+            f"train/ and val/ under {root} have different class folders: only in train {only_train}, "
+            f"only in val {only_val}. Both splits need the same class folders."
+        )
+    classes = split_classes["train"]
+    samples = {}
+    for split in SPLITS:
+        samples[split] = [
+            (str(path), label)
+            for label, name in enumerate(classes)
+            for path in image_files(root / split / name)
+        ]
+        if not samples[split]:
+            raise VisiontuneError(
+                f"{root / split} has class folders {classes} but no images in them "
+                f"(extensions {', '.join(IMG_EXTENSIONS)})."
+            )
+    return classes, samples
+
+
+def class_folders(root: Path, split: str) -> list[str]:
+    folder = root / split
+    if not folder.is_dir():
+        raise VisiontuneError(
+            f"{folder} is missing: data.root must hold train/ and val/ folders, each with one "
+            f"sub-folder per class (data.root={root})."
+        )
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise VisiontuneError(f"{folder} has no class folders: put each class's images in {folder}/<class>/")
+    return classes
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files at any depth below folder, except hidden ones and those in hidden folders.
+
+    Tools leave look-alike files there: Jupyter's .ipynb_checkpoints/ copies, macOS's ._name.jpg
+    resource forks (which no decoder reads). Neither is a sample.
+    """
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMG_EXTENSIONS
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.is_file()
+    )
+
+
+def _check_class_counts(root: Path, classes: list[str], samples: dict[str, list[Sample]]) -> None:
+    """Refuse a class with no training images; warn about one that cannot be validated."""
+    empty = {split: _classes_without_samples(classes, samples[split]) for split in SPLITS}
+    if empty["train"]:
+        raise VisiontuneError(
+            f"class folder(s) {empty['train']} in {root / 'train'} have no readable images: a class "
+            f"needs training images. Add images there, or remove the folder from train/ and val/."
+        )
+    if not samples["val"]:
+        raise VisiontuneError(f"{root / 'val'} has no readable images: put some in its class folders.")
+    for name in empty["val"]:
+        folder = root / "val" / name
+        log.warning("%s has no readable images: class %r trains but is never validated", folder, name)
+
+
+def _classes_without_samples(classes: list[str], samples: list[Sample]) -> list[str]:
+    labels = {label for _, label in samples}
+    return [name for label, name in enumerate(classes) if label not in labels]
+
+
+def drop_unreadable(
+    samples: list[Sample], skip: bool, max_image_pixels: int | None = None
+) -> tuple[list[Sample], int]:
+    """Check each image's header once; fail on the first bad file, or leave bad ones out."""
+    good, bad = [], []
+    for sample in samples:
+        if (problem := header_problem(sample[0], max_image_pixels)) is None:
+            good.append(sample)
+        else:
+            bad.append((sample[0], problem))
+    if bad and not skip:
+        # A too-large image has its own fix (raise the limit), so it gets its own message.
+        for _, problem in bad:
+            if isinstance(problem, TooManyPixels):
+                raise problem
+        names = ", ".join(path for path, _ in bad[:3])
+        raise VisiontuneError(
+            f"{len(bad)} image file(s) cannot be read, e.g. {names}. Remove or replace them, or "
+            f"pass data.skip_bad_images=true to train without them."
+        )
+    for path, problem in bad:
+        log.warning("skipping unreadable image %s (%s)", path, problem)
+    return good, len(bad)
