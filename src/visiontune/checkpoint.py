@@ -139,7 +139,10 @@ def _set_random_states(states: Mapping) -> None:
 
 # --- finding the checkpoint to resume -------------------------------------------------------------
 
-FOLDER_TAG, DIGEST_TAG, RESUME_TAG = store.CHECKPOINT_TAG, store.DIGEST_TAG, store.RESUME_TAG
+# old names, for pipeline.py until it reads store.tags
+FOLDER_TAG = store.tags.CHECKPOINT
+DIGEST_TAG = store.tags.CONFIG_DIGEST
+RESUME_TAG = store.tags.RESUME_COMMAND
 
 
 def flat_config(cfg: DictConfig) -> dict:
@@ -175,10 +178,8 @@ def find(value: str, client, experiment_id: str, cfg: DictConfig) -> Saved:
 def refuse_if_training(run, why: str) -> None:
     """Stop where a live process on this host still trains `run`: continued twice at once, it
     would log every epoch twice."""
-    from visiontune.runs import process_state
-
-    process = run.data.tags.get(store.PROCESS_TAG)
-    if run.info.status == "RUNNING" and process_state(process) == "alive":
+    process = run.data.tags.get(store.tags.PROCESS)
+    if run.info.status == "RUNNING" and store.process_state(process) == "alive":
         raise VisiontuneError(
             f"{why}: run {run.info.run_id} is still being trained by process {process}; "
             f"let it end or stop it first (a run continued twice at once would log every epoch twice)"
@@ -198,22 +199,22 @@ def _find(value: str, client, experiment_id: str, cfg: DictConfig) -> Saved:
     except MlflowException:
         raise VisiontuneError(
             f"resume={value} is neither a run id in this store nor a checkpoint file or folder; "
-            f"the KILLED run's {RESUME_TAG} tag has the command, or use resume=last"
+            f"the KILLED run's {store.tags.RESUME_COMMAND} tag has the command, or use resume=last"
         ) from None
-    if FOLDER_TAG not in run.data.tags:
+    if store.tags.CHECKPOINT not in run.data.tags:
         raise VisiontuneError(f"resume={value}: run {value} recorded no checkpoint, so it cannot be resumed")
-    return read(Path(run.data.tags[FOLDER_TAG]))
+    return read(Path(run.data.tags[store.tags.CHECKPOINT]))
 
 
 def _newest_interrupted(client, experiment_id: str, wanted: str) -> Saved:
-    query = f"tags.`{DIGEST_TAG}` = '{wanted}' and attributes.status != 'FINISHED'"
+    query = f"tags.`{store.tags.CONFIG_DIGEST}` = '{wanted}' and attributes.status != 'FINISHED'"
     runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise VisiontuneError(
             "resume=last: no interrupted run of this experiment has this config; give the same "
             "overrides as the run to resume, or resume=<run id>"
         )
-    return read(Path(runs[0].data.tags[FOLDER_TAG]))
+    return read(Path(runs[0].data.tags[store.tags.CHECKPOINT]))
 
 
 def resumed_config(saved: Saved, cfg: DictConfig, overrides: list[str]) -> DictConfig:
