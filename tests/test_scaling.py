@@ -271,8 +271,8 @@ def test_a_sweep_job_still_training_under_submitit_is_not_continued_twice(tmp_pa
     try:
         tags = {
             "mlflow.parentRunId": parent.run_id,
-            store.JOB_TAG: sweep.overrides_key(["seed=1"]),
-            store.PROCESS_TAG: f"{socket.gethostname()}:{trainer.pid}",
+            store.tags.JOB: sweep.overrides_key(["seed=1"]),
+            store.tags.PROCESS: f"{socket.gethostname()}:{trainer.pid}",
         }
         child = MlflowClient(uri).create_run(experiment_id, run_name="squeezenet-scratch #0", tags=tags)
         with pytest.raises(VisiontuneError, match="is still being trained by process"):

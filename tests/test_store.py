@@ -21,6 +21,9 @@ def experiment(tmp_path):
     return uri, store.ensure_experiment(uri, "unit")
 
 
+# --- location -------------------------------------------------------------------------------------
+
+
 def test_default_store_is_sqlite_under_outputs(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert store.tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
@@ -35,6 +38,37 @@ def test_experiment_keeps_artifacts_beside_the_store_and_opens_on_training_runs(
     assert experiment.artifact_location == (tmp_path / "outputs" / "mlartifacts").as_uri()
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert store.ensure_experiment(uri, "unit") == experiment_id  # found, not duplicated
+
+
+def test_a_password_in_the_uri_moves_where_mlflow_reads_credentials(monkeypatch, tmp_path):
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    assert store.tracking_uri("http://alice:s%40cret@127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == (
+        "alice",
+        "s@cret",
+    )
+
+
+def test_processes_opening_a_new_store_at_once_leave_it_whole(tmp_path):
+    """MLflow migrates a new SQLite file on open; unguarded, concurrent openers break it."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    code = "import sys; from visiontune import store; store.ensure_experiment(sys.argv[1], 'shared')"
+    openers = [
+        subprocess.Popen([sys.executable, "-c", code, uri], stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in openers]
+    assert [p.returncode for p in openers] == [0, 0, 0], errors
+    client = MlflowClient(uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "shared"]
+    client.create_run(experiment.experiment_id)  # the store takes writes
+
+
+# --- writes ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -140,6 +174,9 @@ def _jpeg() -> bytes:
     return jpeg.getvalue()
 
 
+# --- interrupts -----------------------------------------------------------------------------------
+
+
 def test_ctrl_c_during_a_store_write_waits_for_the_write():
     import os
     import signal
@@ -154,22 +191,34 @@ def test_ctrl_c_during_a_store_write_waits_for_the_write():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_processes_opening_a_new_store_at_once_leave_it_whole(tmp_path):
-    """MLflow migrates a new SQLite file on open; unguarded, concurrent openers break it."""
+# --- parents: the process writing a run -----------------------------------------------------------
+
+
+def test_a_runs_process_is_told_alive_dead_or_unknown():
+    """visiontune-runs and resume= tell a ghost run from one in progress by its host:pid tag."""
+    import socket
     import subprocess
     import sys
 
-    uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
-    code = "import sys; from visiontune import store; store.ensure_experiment(sys.argv[1], 'shared')"
-    openers = [
-        subprocess.Popen([sys.executable, "-c", code, uri], stderr=subprocess.PIPE, text=True)
-        for _ in range(3)
-    ]
-    errors = [p.communicate(timeout=120)[1] for p in openers]
-    assert [p.returncode for p in openers] == [0, 0, 0], errors
-    client = MlflowClient(uri)
-    (experiment,) = [e for e in client.search_experiments() if e.name == "shared"]
-    client.create_run(experiment.experiment_id)  # the store takes writes
+    host = socket.gethostname()
+    assert store.process_state(None) == store.process_state(f"elsewhere:{os.getpid()}") == "unknown"
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with subprocess.Popen([*sleep, "visiontune"]) as ours, subprocess.Popen(sleep) as other:
+        assert store.process_state(f"{host}:{ours.pid}") == "alive"
+        assert store.process_state(f"{host}:{other.pid}") == "dead", "a reused pid: another program"
+        ours.kill()
+        other.kill()
+    assert store.process_state(f"{host}:{ours.pid}") == "dead"
+
+
+# --- tags -----------------------------------------------------------------------------------------
+
+
+def test_every_tag_key_has_one_name():
+    keys = {
+        name: value for name, value in vars(store.tags).items() if name.isupper() and isinstance(value, str)
+    }
+    assert len(set(keys.values())) == len(keys), keys
 
 
 @pytest.mark.parametrize(
@@ -187,13 +236,3 @@ def test_processes_opening_a_new_store_at_once_leave_it_whole(tmp_path):
 def test_credentials_are_redacted_wherever_text_is_shown(text, shown):
     assert redact(text) == shown
     assert redact(shown) == shown
-
-
-def test_a_password_in_the_uri_moves_where_mlflow_reads_credentials(monkeypatch, tmp_path):
-    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.delenv(var, raising=False)
-    assert store.tracking_uri("http://alice:s%40cret@127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
-    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == (
-        "alice",
-        "s@cret",
-    )

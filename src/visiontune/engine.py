@@ -48,6 +48,8 @@ class Training:
     # Batches a frozen backbone (feature_extract) runs at once in training; None: sized to the
     # device on the first batch (batches_per_pass). The steps stay one per batch either way.
     backbone_batches: int | None = None
+    # The val split's frozen-backbone outputs kept between epochs: pipeline's share of data.cache_mb.
+    backbone_cache_bytes: int = 0
     compile: bool = False  # torch.compile what the training step and validation call
 
     def learning_rates(self) -> dict[str, float]:
@@ -214,19 +216,18 @@ class Progress:
 def fit(
     training: Training,
     loaders: dict,
-    cache_bytes: int = 0,
     on_epoch: Callable[[EpochReport, Progress], None] = lambda report, progress: None,
     progress: Progress | None = None,
 ) -> FitResult:
     """Train and validate each epoch after `progress`; end with the weights of the best val accuracy.
 
     Each epoch first applies the mode's plan for it (what trains). While the backbone is fixed,
-    it runs apart from the head, and evaluation caches its output, up to `cache_bytes`.
+    it runs apart from the head, and evaluation caches its output, up to `training.backbone_cache_bytes`.
     """
     prepared, module = training.model, training.model.module
     criterion, runtime = training.criterion, training.runtime
     progress = progress or Progress()
-    phases = _Phases(prepared, cache_bytes, training.compile)
+    phases = _Phases(prepared, training.backbone_cache_bytes, training.compile)
     for epoch in range(progress.epoch + 1, training.epochs + 1):
         tic = time.perf_counter()
         split, cache, trained = phases.for_epoch(prepared.enter_epoch(epoch))

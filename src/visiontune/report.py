@@ -33,7 +33,7 @@ def select_runs(client, experiment: str | None = None, parent: str | None = None
     return [
         r
         for r in runs
-        if r.data.tags.get("visiontune.sweep") != "parent" and "visiontune.evaluates" not in r.data.tags
+        if r.data.tags.get(store.tags.SWEEP) != "parent" and store.tags.EVALUATES not in r.data.tags
     ]
 
 
@@ -47,13 +47,13 @@ def swept_keys_of(client, runs: Sequence) -> list[str]:
     """Other keys the runs' sweeps varied (batch_size, seed...), from their parents' sweep.varied tags."""
     from mlflow.exceptions import MlflowException
 
-    parents = dict.fromkeys(
-        r.data.tags["mlflow.parentRunId"] for r in runs if "mlflow.parentRunId" in r.data.tags
-    )
+    from visiontune.store import tags
+
+    parents = dict.fromkeys(r.data.tags[tags.PARENT_RUN] for r in runs if tags.PARENT_RUN in r.data.tags)
     keys: dict[str, None] = {}
     for parent in parents:
         try:
-            varied = client.get_run(parent).data.tags.get("sweep.varied", "")
+            varied = client.get_run(parent).data.tags.get(tags.SWEEP_VARIED, "")
         except MlflowException:  # the parent was deleted: its children still compare
             continue
         keys.update(dict.fromkeys(key for key in varied.split(",") if key and key not in SHOWN_KEYS))
@@ -83,23 +83,26 @@ def leaderboard(client, runs: Sequence) -> tuple[list[dict], dict[str, list[floa
 
 
 def _row(run, label: str, extra: list[str], seconds: list) -> dict:
-    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    # A run that failed early has tags but no params yet.
+    from visiontune.store import tags
+
+    params, metrics, tagged = run.data.params, run.data.metrics, run.data.tags
+    # A run that failed early has tags but no params yet: its groups' tags (tags.GROUPS, tags.LR)
+    # carry the names of the columns.
     return {
         "run": label,
-        "model": params.get("model.name", tags.get("model", "")),
-        "mode": params.get("mode.name", tags.get("mode", "")),
-        "data": params.get("data.root", tags.get("data", "")),
-        "optimizer": params.get("optimizer.name", tags.get("optimizer", "")),
-        "lr": params.get("optimizer.lr", tags.get("lr", "")),
-        **{key: params.get(key, tags.get(key, "")) for key in extra},
+        "model": params.get("model.name", tagged.get("model", "")),
+        "mode": params.get("mode.name", tagged.get("mode", "")),
+        "data": params.get("data.root", tagged.get("data", "")),
+        "optimizer": params.get("optimizer.name", tagged.get("optimizer", "")),
+        "lr": params.get("optimizer.lr", tagged.get("lr", "")),
+        **{key: params.get(key, tagged.get(key, "")) for key in extra},
         "status": run.info.status,
         "best_val_acc": metrics.get("best_val_acc"),
         "best_epoch": int(metrics["best_epoch"]) if "best_epoch" in metrics else None,
         "train_seconds": round(sum(m.value for m in seconds), 1) if seconds else None,
         "trainable_params": params.get("trainable_params", ""),
         "run_id": run.info.run_id,
-        "error": tags.get("error", "")[:ERROR_CELL_LIMIT],
+        "error": tagged.get(tags.ERROR, "")[:ERROR_CELL_LIMIT],
     }
 
 

@@ -8,28 +8,10 @@ FAILED, or resumed from its checkpoint.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from visiontune import commands
-
-
-def process_state(tag: str | None) -> str:
-    """dead, alive, or unknown (another host, or a run visiontune did not start) for a host:pid tag."""
-    host, _, pid = (tag or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return "unknown"
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    try:
-        # A reused pid belongs to another program. A sweep job that submitit started runs as
-        # `python -m submitit.core._submit <folder>`, without visiontune in its command line.
-        command = cmdline.read_bytes()
-        alive = b"visiontune" in command or b"submitit" in command
-    except OSError:
-        return "dead"
-    return "alive" if alive else "dead"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,20 +37,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dead_runs(client) -> list:
+    from visiontune import store
+
     experiments = [e.experiment_id for e in client.search_experiments()]
     running = client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=10_000)
-    return [r for r in running if process_state(r.data.tags.get("visiontune.process")) == "dead"]
+    return [r for r in running if store.process_state(r.data.tags.get(store.tags.PROCESS)) == "dead"]
 
 
 def _report(run, client, mark_failed: bool) -> None:
     from visiontune import store
 
-    run_id, process = run.info.run_id, run.data.tags[store.PROCESS_TAG]
+    run_id, process = run.info.run_id, run.data.tags[store.tags.PROCESS]
     line = f"{run_id} {run.info.run_name}: its process {process} is dead"
     if mark_failed:
         store.mark_failed(client, run_id, f"its process {process} died without reporting")
         line += " -> marked FAILED"
-    if store.CHECKPOINT_TAG in run.data.tags:
+    if store.tags.CHECKPOINT in run.data.tags:
         line += f"; resume with: visiontune-train resume={run_id}"
     print(line)
 

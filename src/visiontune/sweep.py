@@ -154,15 +154,15 @@ class MlflowSweep(Callback):
         if config.get("resume"):  # the stopped sweep's parent; its jobs find their own children
             self.parent = store.ParentRun.reopen(uri, experiment_id, str(config.resume), key)
         else:
-            tags = {
-                "visiontune.sweep": "parent",
-                "sweep.varied": ",".join(varied),
-                "sweep.overrides": store.shorten(redact(" ".join(overrides)), store.TAG_VALUE_LIMIT),
-                "sweep.dir": str(sweep_dir),
-                "sweep.key": key,
+            opening = {
+                store.tags.SWEEP: "parent",
+                store.tags.SWEEP_VARIED: ",".join(varied),
+                store.tags.SWEEP_OVERRIDES: store.shorten(redact(" ".join(overrides)), store.TAG_VALUE_LIMIT),
+                store.tags.SWEEP_DIR: str(sweep_dir),
+                store.tags.SWEEP_KEY: key,
             }
             name = f"sweep-{'-'.join(varied) or 'jobs'}-{sweep_dir.name}"
-            self.parent = store.ParentRun.start(uri, experiment_id, name, tags)
+            self.parent = store.ParentRun.start(uri, experiment_id, name, opening)
         _OPEN.append(self)
         write_handoff(sweep_dir, self.parent.run_id, varied)
         log.info(
@@ -180,10 +180,10 @@ class MlflowSweep(Callback):
         children = report.select_runs(client, parent=self.parent.run_id)
         with tempfile.TemporaryDirectory() as tmp:
             rows = report.write_report(client, children, Path(tmp))
-            tags, metrics = _summary(rows)
-            if self.registry and "best_child_run_id" in tags:
-                tags["champion"] = self._crown(tags["best_child_run_id"])
-            self.parent.record(Path(tmp), tags, metrics)
+            summary, metrics = _summary(rows)
+            if self.registry and store.tags.BEST_CHILD_RUN_ID in summary:
+                summary[store.tags.CHAMPION] = self._crown(summary[store.tags.BEST_CHILD_RUN_ID])
+            self.parent.record(Path(tmp), summary, metrics)
             print("\n" + (Path(tmp) / "leaderboard.md").read_text())
         self.parent.end("FINISHED")
         self._closed()
@@ -254,14 +254,16 @@ def _has_nvidia_gpus() -> bool:
 
 def _summary(rows: list[dict]) -> tuple[dict[str, str], dict[str, float]]:
     """The parent's tags and metrics from its leaderboard rows (best first)."""
+    from visiontune.store import tags
+
     failed = [r for r in rows if r["status"] != "FINISHED"]
-    tags = {"sweep.children": str(len(rows)), "sweep.failed": str(len(failed))}
+    summary = {tags.SWEEP_CHILDREN: str(len(rows)), tags.SWEEP_FAILED: str(len(failed))}
     metrics = {}
     finished = [r for r in rows if r["status"] == "FINISHED" and r["best_val_acc"] is not None]
     if finished:
-        tags |= {"best_child_run_id": finished[0]["run_id"], "best_child": finished[0]["run"]}
+        summary |= {tags.BEST_CHILD_RUN_ID: finished[0]["run_id"], tags.BEST_CHILD: finished[0]["run"]}
         metrics["best_val_acc"] = finished[0]["best_val_acc"]
-    return tags, metrics
+    return summary, metrics
 
 
 def _message(err: Exception) -> str:
