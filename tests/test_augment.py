@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from conftest import FAST, cli_env, compose_cfg, make_image_folder, run_cli, store_runs
-from visiontune import VisiontuneError, augment, checkpoint, config, data
+from visiontune import VisiontuneError, augment, config, data, resume
 from visiontune.runtime import Runtime
 
 SIZE = 32  # the rendered side; the workers cap shorter sides at DECODED_SIDE_FACTOR x SIZE = 64

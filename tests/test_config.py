@@ -67,7 +67,7 @@ def test_optimizers_instantiate_with_overrides(name):
 
     cfg = compose_cfg(f"optimizer={name}", "optimizer.lr=0.0003")
     optimizer = optim.build_optimizer(
-        cfg.optimizer, tiny_prepared(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2, 2)))
+        config.read(cfg).optim, tiny_prepared(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2, 2)))
     )
     assert type(optimizer).__name__.lower() == name
     assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
@@ -79,7 +79,8 @@ def test_schedulers_instantiate(name):
 
     cfg = compose_cfg(f"scheduler={name}", "epochs=4")
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
-    scheduler, per_batch = optim.build_scheduler(cfg.scheduler, optimizer, epochs=4, steps_per_epoch=3)
+    settings = config.read(cfg).optim
+    scheduler, per_batch = optim.build_scheduler(settings, optimizer, 4, 3), settings.per_batch
     if name == "none":
         assert scheduler is None and not per_batch
         return

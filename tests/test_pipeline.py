@@ -570,12 +570,15 @@ def test_auto_precision_and_layout_on_this_cpu(mode, standin_weights):
     import torch
 
     from conftest import compose_cfg, prepare_model
-    from visiontune import pipeline
+    from visiontune import config, pipeline
     from visiontune.runtime import cpu_has_bf16
 
     prepared = prepare_model("squeezenet", mode, standin_weights)
     cfg = compose_cfg("model=squeezenet", f"mode={mode}")
-    runtime = pipeline.build_training(cfg, prepared, torch.device("cpu"), steps_per_epoch=1).runtime
+    settings = config.read(cfg)
+    runtime = pipeline.build_training(
+        settings, prepared, torch.device("cpu"), 1, backbone_cache_bytes=0
+    ).runtime
     bf16 = cpu_has_bf16()
     assert runtime.amp_dtype == (torch.bfloat16 if bf16 else None)
     assert runtime.channels_last == bf16

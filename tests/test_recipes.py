@@ -70,7 +70,7 @@ def test_staged_mode_unfreezes_group_by_group_and_keeps_its_rates(standin_weight
     overrides = ("mode.freeze_epochs=1", "mode.unfreeze_every=1", "mode.trainable_from=middle")
     prepared = prepare_model("squeezenet", "staged", standin_weights, 2, *overrides)
     cfg = compose_cfg("optimizer=sgd", "optimizer.lr=0.01", "optimizer.lr_decay=0.5")
-    optimizer = optim.build_optimizer(cfg.optimizer, prepared)
+    optimizer = optim.build_optimizer(config.read(cfg).optim, prepared)
     rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
     assert rates == {"middle": 0.0025, "late": 0.005, "head": 0.01}, "early never trains: not in it"
     images = torch.rand(4, 3, 64, 64)
@@ -100,7 +100,7 @@ def test_staged_mode_unfreezes_group_by_group_and_keeps_its_rates(standin_weight
 def test_a_resumed_staged_run_trains_the_unfrozen_groups(standin_weights, tmp_path):
     def training_for_run(epochs: int):
         prepared = prepare_model("squeezenet", "staged", standin_weights, 2, "mode.freeze_epochs=1")
-        optimizer = optim.build_optimizer(compose_cfg("optimizer=adam").optimizer, prepared)
+        optimizer = optim.build_optimizer(config.read(compose_cfg("optimizer=adam")).optim, prepared)
         return cpu_training(prepared, optimizer, epochs=epochs)
 
     images, labels = torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 0, 1])
@@ -126,7 +126,7 @@ def test_a_resumed_staged_run_trains_the_unfrozen_groups(standin_weights, tmp_pa
 def test_adamw_leaves_norm_weights_and_biases_undecayed(standin_weights):
     prepared = prepare_model("resnet", "finetune", standin_weights, 2)
     cfg = compose_cfg("optimizer=adamw", "optimizer.weight_decay=0.5", "optimizer.lr=0.1")
-    optimizer = optim.build_optimizer(cfg.optimizer, prepared)
+    optimizer = optim.build_optimizer(config.read(cfg).optim, prepared)
     spared = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
     module = prepared.module
     one_d = {id(p) for p in module.parameters() if p.ndim == 1}
@@ -139,7 +139,7 @@ def test_adamw_leaves_norm_weights_and_biases_undecayed(standin_weights):
     assert moved == {name for name, p in module.named_parameters() if p.ndim > 1}
 
     kept = optim.build_optimizer(
-        compose_cfg("optimizer=adamw", "optimizer.decay_norm_and_bias=true").optimizer, prepared
+        config.read(compose_cfg("optimizer=adamw", "optimizer.decay_norm_and_bias=true")).optim, prepared
     )
     assert all(g["weight_decay"] == 0.01 for g in kept.param_groups)
 

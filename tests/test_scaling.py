@@ -257,14 +257,22 @@ def test_a_sweep_job_still_training_under_submitit_is_not_continued_twice(tmp_pa
     from mlflow.tracking import MlflowClient
 
     from conftest import compose_cfg
-    from visiontune import VisiontuneError, pipeline, sweep
+    from visiontune import VisiontuneError, resume, sweep
+    from visiontune.config import Job
 
     uri = store.tracking_uri(None, tmp_path)
     experiment_id = store.ensure_experiment(uri, "visiontune")
     parent = store.ParentRun.start(uri, experiment_id, "sweep-x", {})
     sweep.write_handoff(tmp_path / "sweep", parent.run_id, ["seed"])
-    job = pipeline.Job(
-        tmp_path, tmp_path / "sweep" / "0", tmp_path / "x.log", {}, ["seed=1"], 0, tmp_path / "sweep"
+    job = Job(
+        tmp_path,
+        tmp_path / "sweep" / "0",
+        tmp_path / "x.log",
+        {},
+        ["seed=1"],
+        0,
+        tmp_path / "sweep",
+        started=0.0,
     )
     # A submitit job's command line names submitit, not visiontune: it still counts as alive.
     trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit.core._submit"])
@@ -276,11 +284,11 @@ def test_a_sweep_job_still_training_under_submitit_is_not_continued_twice(tmp_pa
         }
         child = MlflowClient(uri).create_run(experiment_id, run_name="squeezenet-scratch #0", tags=tags)
         with pytest.raises(VisiontuneError, match="is still being trained by process"):
-            pipeline.find_earlier(compose_cfg("resume=last"), job, store.open_store(uri), experiment_id)
+            resume.decide(compose_cfg("resume=last"), job, False, store.open_store(uri), experiment_id)
     finally:
         trainer.kill()
         trainer.wait()
-    earlier = pipeline.find_earlier(compose_cfg("resume=last"), job, store.open_store(uri), experiment_id)
+    earlier = resume.decide(compose_cfg("resume=last"), job, False, store.open_store(uri), experiment_id)
     assert earlier.run_id == child.info.run_id, "once that process is gone, the job continues its run"
 
 

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import visiontune
 from visiontune import checkpoint, distributed, optim, redact, report, resume, store, sweep
 from visiontune.config import HEAD_GROUP, Job, MlflowSettings, Settings
+from visiontune.store import tags
 
 if TYPE_CHECKING:
     from visiontune import engine, models
@@ -111,8 +112,8 @@ class RunRecorder:
             return store.RunStart(self.where.experiment_id, name="", tags={}, run_id=self.continued.run_id)
         parent_id, varied = sweep.read_handoff(self.job.sweep_dir)
         name = run_name(f"{cfg.model.name}-{cfg.mode.name}", varied, self.job.number)
-        tags = run_tags(cfg, self.job) | {store.JOB_TAG: sweep.overrides_key(self.job.overrides)}
-        return store.RunStart(self.where.experiment_id, name, tags, parent_id)
+        marks = run_tags(cfg, self.job) | {tags.JOB: sweep.overrides_key(self.job.overrides)}
+        return store.RunStart(self.where.experiment_id, name, marks, parent_id)
 
     def started(self, settings: Settings, cfg: DictConfig, setup: SetUp, device) -> dict:
         """The composed config and what the set-up found (new runs), where checkpoints go; the
@@ -127,11 +128,11 @@ class RunRecorder:
             digests = store.log_datasets(checked.root, checked.classes, checked.samples)
             store.log_params(run_params(cfg, settings, setup, device) | digests)
             store.log_params(provenance(self.job.launch_dir, setup.prepared.weights))
-        tags = {store.PROCESS_TAG: store.this_process()}  # tells a dead process's run from a live one
+        marks = {tags.PROCESS: store.this_process()}  # tells a dead process's run from a live one
         if settings.checkpoint.every_epochs:
-            tags[store.CHECKPOINT_TAG] = str(self.job.checkpoints)
-            tags[store.DIGEST_TAG] = resume.digest(self.flat_config)
-        store.set_tags(tags)
+            marks[tags.CHECKPOINT] = str(self.job.checkpoints)
+            marks[tags.CONFIG_DIGEST] = resume.digest(self.flat_config)
+        store.set_tags(marks)
         self.startup = StartupClock(setup.loaders["train"], self.job.started)
         return setup.loaders | {"train": self.startup}
 
@@ -204,7 +205,7 @@ class RunRecorder:
                 else "visiontune-train"
             )
             command = f"{start} resume={self.run_id}"
-            store.set_tags({store.RESUME_TAG: command})
+            store.set_tags({tags.RESUME_COMMAND: command})
             log.info("stopped; continue it with: %s", command)
 
 
@@ -229,14 +230,14 @@ def run_name(label: str, varied: list[str], number: int | None) -> str:
 
 def run_tags(cfg: DictConfig, job: Job) -> dict[str, str]:
     """Tags to filter and group by in the UI: the groups, the lr, and every overridden key."""
-    tags = {group: job.choices[group] for group in ("model", "mode", "data", "optimizer", "scheduler")}
-    tags["lr"] = str(cfg.optimizer.lr)
+    marks = {group: job.choices[group] for group in tags.GROUPS}
+    marks[tags.LR] = str(cfg.optimizer.lr)
     for override in job.overrides:
         key, _, value = override.partition("=")
         # MLflow tag keys allow letters, digits, _ - . / and spaces; `model@x` or `+key` do not fit.
         tag = re.sub(r"[^\w\-./ ]", "_", key.lstrip("+~"))
-        tags[tag] = store.shorten(redact(value), store.TAG_VALUE_LIMIT)
-    return tags
+        marks[tag] = store.shorten(redact(value), store.TAG_VALUE_LIMIT)
+    return marks
 
 
 def warn_unused_weights(settings: Settings, overrides: list[str]) -> None:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from visiontune import VisiontuneError, checkpoint, store, sweep
 from visiontune.config import Job
+from visiontune.store import tags
 
 log = logging.getLogger("visiontune")
 
@@ -76,7 +77,7 @@ def _earlier(cfg: DictConfig, job: Job, client, experiment_id: str) -> Continued
     if child.info.status == "FINISHED":
         return Continued(child.info.run_id, finished_acc=child.data.metrics.get("best_val_acc", 0.0))
     refuse_if_training(child, f"resume={cfg.resume}" if cfg.resume else "a requeued job")
-    folder = Path(child.data.tags.get(store.CHECKPOINT_TAG, "/nonexistent"))
+    folder = Path(child.data.tags.get(tags.CHECKPOINT, "/nonexistent"))
     # Without a checkpoint: the same run, from its start.
     return Continued(child.info.run_id, folder if (folder / checkpoint.LAST).is_file() else None)
 
@@ -94,7 +95,7 @@ def after_restart(job: Job, client, experiment_id: str) -> Continued:
     """torchrun --max-restarts restarted the workers: continue the run this launch started, from
     the last checkpoint in its output folder (shared by every attempt: the folder is named by
     TORCHELASTIC_RUN_ID). A run killed before its first checkpoint starts over in the same run."""
-    query = f"tags.`{store.CHECKPOINT_TAG}` = '{job.checkpoints}'"
+    query = f"tags.`{tags.CHECKPOINT}` = '{job.checkpoints}'"
     runs = client.search_runs([experiment_id], query, max_results=1)
     if not runs:  # killed before its run was recorded (or checkpoint.every_epochs=0)
         return Continued()
@@ -115,7 +116,7 @@ def find(value: str, client, experiment_id: str, cfg: DictConfig) -> checkpoint.
 def refuse_if_training(run, why: str) -> None:
     """Stop where a live process on this host still trains `run`: continued twice at once, it
     would log every epoch twice."""
-    process = run.data.tags.get(store.PROCESS_TAG)
+    process = run.data.tags.get(tags.PROCESS)
     if run.info.status == "RUNNING" and store.process_state(process) == "alive":
         raise VisiontuneError(
             f"{why}: run {run.info.run_id} is still being trained by process {process}; "
@@ -136,22 +137,22 @@ def _named(value: str, client, experiment_id: str, cfg: DictConfig) -> checkpoin
     except MlflowException:
         raise VisiontuneError(
             f"resume={value} is neither a run id in this store nor a checkpoint file or folder; "
-            f"the KILLED run's {store.RESUME_TAG} tag has the command, or use resume=last"
+            f"the KILLED run's {tags.RESUME_COMMAND} tag has the command, or use resume=last"
         ) from None
-    if store.CHECKPOINT_TAG not in run.data.tags:
+    if tags.CHECKPOINT not in run.data.tags:
         raise VisiontuneError(f"resume={value}: run {value} recorded no checkpoint, so it cannot be resumed")
-    return checkpoint.read(Path(run.data.tags[store.CHECKPOINT_TAG]))
+    return checkpoint.read(Path(run.data.tags[tags.CHECKPOINT]))
 
 
 def _newest_interrupted(client, experiment_id: str, wanted: str) -> checkpoint.Saved:
-    query = f"tags.`{store.DIGEST_TAG}` = '{wanted}' and attributes.status != 'FINISHED'"
+    query = f"tags.`{tags.CONFIG_DIGEST}` = '{wanted}' and attributes.status != 'FINISHED'"
     runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise VisiontuneError(
             "resume=last: no interrupted run of this experiment has this config; give the same "
             "overrides as the run to resume, or resume=<run id>"
         )
-    return checkpoint.read(Path(runs[0].data.tags[store.CHECKPOINT_TAG]))
+    return checkpoint.read(Path(runs[0].data.tags[tags.CHECKPOINT]))
 
 
 # --- the config a continued run trains with ---------------------------------------------------------

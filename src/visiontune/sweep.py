@@ -139,7 +139,7 @@ class MlflowSweep(Callback):
         check_sweeper(config.hydra.sweeper)
         launch_dir = Path(config.hydra.runtime.cwd)
         uri = store.tracking_uri(config.mlflow.tracking_uri, launch_dir)
-        experiment_id = store.ensure_experiment(uri, config.mlflow.experiment_name)
+        experiment_id = store.ensure_experiment(uri, str(config.mlflow.experiment_name))
         sweep_dir = launch_dir / str(config.hydra.sweep.dir)
         overrides = list(config.hydra.overrides.task)
         varied = swept_keys(overrides, config.hydra.sweeper.get("params"))
