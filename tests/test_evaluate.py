@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import FAST, run_cli
-from visiontune import evaluate
+from visiontune.commands import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,13 @@ def test_evaluation_scores_the_model_as_its_pyfunc_and_its_training_run_do(train
 
     run_id, out = trained.run.info.run_id, tmp_path / "out"
     result = run_cli(
-        trained.cwd, run_id, "--data", str(tiny_folder), "--out", str(out), module="visiontune.evaluate"
+        trained.cwd,
+        run_id,
+        "--data",
+        str(tiny_folder),
+        "--out",
+        str(out),
+        module="visiontune.commands.evaluate",
     )
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -42,7 +42,7 @@ def test_predict_on_the_val_split_reproduces_the_runs_accuracy(tiny_sweep, tiny_
     run, val, truth = champion
     out = tiny_sweep.cwd / "val-predictions.csv"
     args = (CHAMPION, str(tiny_folder / "val"), "--top-k", "2", "--out", str(out), "--num-workers", "1")
-    result = run_cli(tiny_sweep.cwd, *args, module="visiontune.predict")
+    result = run_cli(tiny_sweep.cwd, *args, module="visiontune.commands.predict")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
     assert [r["path"] for r in rows] == [str(p) for p in val]
@@ -54,7 +54,7 @@ def test_predict_on_the_val_split_reproduces_the_runs_accuracy(tiny_sweep, tiny_
 
 def predict_here(cwd: Path, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:
     """visiontune-predict's main() in this process (no second interpreter start): code, out, err."""
-    from visiontune import predict
+    from visiontune.commands import predict
 
     monkeypatch.chdir(cwd)
     code = predict.main(list(args))

@@ -1,9 +1,29 @@
-"""What the thin command lines over a store share: the --tracking-uri option and opening its store."""
+"""The command lines beside the library, and what they share: the --tracking-uri and MODEL arguments,
+opening the store, and the UI's address of a run.
+
+predict, evaluate and export read a logged model; compare, ui and runs read a store. Each module
+here is one command (visiontune-<name>); the library never imports them. What they share lives in
+this file rather than a module of its own: every command imports the package anyway, and it holds
+nothing heavier than argparse, so `--help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+# MLflow 3.17's UI ignores the experiment's kind tag and opens on its GenAI view unless the
+# page's URL (or the browser's remembered sidebar switch) asks for Model training.
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The positional MODEL of the commands that read a logged model (predict, evaluate, export)."""
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a run id, runs:/<id>/model, models:/<name>/<version>, models:/<name>@<alias> or a model folder",
+    )
 
 
 def add_store_option(parser: argparse.ArgumentParser, verb: str = "read") -> None:
@@ -33,3 +53,9 @@ def model_store_uri(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if Path(args.model).is_dir():
         return store.tracking_uri(args.tracking_uri, Path.cwd())
     return store_uri(parser, args)
+
+
+def experiment_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment's runs (or of one run), in its Model training view."""
+    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
+    return f"{base}/{path}?{TRAINING_VIEW}"

@@ -44,14 +44,31 @@ UNDEFINED_NOTE = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = _parse(parser, argv)
+
+    from mlflow.exceptions import MlflowException
+
+    from visiontune import VisiontuneError, user_message
+
+    try:
+        folder = labelled_folder(args.data)
+        text = evaluate(args, folder, commands.model_store_uri(parser, args))
+    except (VisiontuneError, MlflowException, OSError) as err:  # OSError: an --out folder we cannot write
+        print(f"{PROG}: error: {user_message(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (an evaluation run that had started is recorded KILLED)", file=sys.stderr)
+        return 130
+    print(text)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Score a logged model on a labelled image folder, recorded as an MLflow run."
     )
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        help="a run id, runs:/<id>/model, models:/<name>/<version>, models:/<name>@<alias> or a model folder",
-    )
+    commands.add_model_argument(parser)
     parser.add_argument(
         "--data",
         type=Path,
@@ -72,27 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="also write the figures and CSV files to this folder")
     commands.add_store_option(parser, "read the model from and record the evaluation in")
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments, refused before any model loads where a number is out of range."""
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0:
         parser.error("--batch-size takes 1 or more, --num-workers 0 or more")
     # data.ImageFiles reports each image that does not decode in a warning line.
     logging.basicConfig(format=f"{PROG}: %(levelname)s: %(message)s", level=logging.WARNING)
-
-    from mlflow.exceptions import MlflowException
-
-    from visiontune import VisiontuneError, user_message
-
-    try:
-        folder = labelled_folder(args.data)
-        text = evaluate(args, folder, commands.model_store_uri(parser, args))
-    except (VisiontuneError, MlflowException, OSError) as err:  # OSError: an --out folder we cannot write
-        print(f"{PROG}: error: {user_message(err).splitlines()[0]}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (an evaluation run that had started is recorded KILLED)", file=sys.stderr)
-        return 130
-    print(text)
-    return 0
+    return args
 
 
 # --- the folder and the model's classes ------------------------------------------------------------
@@ -462,12 +469,10 @@ def summary(evaluation: Evaluation) -> list[str]:
 
 def where_to_see(given_uri: str | None, uri: str, experiment_id: str, run_id: str) -> str:
     """The last line: the run's id and how to open it."""
-    from visiontune import ui
-
     if uri.startswith(("http://", "https://")):
-        return f"evaluation run {run_id}: open {ui.experiment_url(uri, experiment_id, run_id)}"
+        return f"evaluation run {run_id}: open {commands.experiment_url(uri, experiment_id, run_id)}"
     command = "visiontune-ui" + (f" --tracking-uri {given_uri}" if given_uri else "")
-    url = ui.experiment_url(UI_BASE, experiment_id, run_id)
+    url = commands.experiment_url(UI_BASE, experiment_id, run_id)
     return f"evaluation run {run_id}: see it with {command}, at {url}"
 
 

@@ -25,13 +25,26 @@ WILDCARDS = frozenset("*?[")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = _parse(parser, argv)
+
+    from visiontune import VisiontuneError
+
+    try:
+        paths = find_images(args.paths)
+        rows = predict(args, paths, commands.model_store_uri(parser, args))
+    except VisiontuneError as err:
+        print(f"visiontune-predict: error: {err}", file=sys.stderr)
+        return 1
+    return _write_rows(rows, args)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visiontune-predict",
         description="Predict the classes of image files with a model a visiontune run logged.",
     )
-    parser.add_argument(
-        "model", help="a run id, runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>"
-    )
+    commands.add_model_argument(parser)
     parser.add_argument(
         "paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs"
     )
@@ -46,21 +59,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes"
     )
     commands.add_store_option(parser)
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments, refused before any model loads where a number or the --out folder is wrong."""
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1 or args.num_workers < 0:
         parser.error("--top-k and --batch-size take 1 or more, --num-workers 0 or more")
     logging.basicConfig(format="visiontune-predict: %(levelname)s: %(message)s", level=logging.WARNING)
-
-    from visiontune import VisiontuneError
-
     if args.out and not args.out.parent.is_dir():
         parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
-    try:
-        paths = find_images(args.paths)
-        rows = predict(args, paths, commands.model_store_uri(parser, args))
-    except VisiontuneError as err:
-        print(f"visiontune-predict: error: {err}", file=sys.stderr)
-        return 1
+    return args
+
+
+def _write_rows(rows: list[dict], args: argparse.Namespace) -> int:
+    """Write the rows where --out says; the exit code."""
     try:
         write(rows, args.format, args.out, args.top_k)
     except BrokenPipeError:  # `visiontune-predict ... | head`: the reader has all it wants

@@ -8,28 +8,11 @@ FAILED, or resumed from its checkpoint.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from visiontune import commands
-
-
-def process_state(tag: str | None) -> str:
-    """dead, alive, or unknown (another host, or a run visiontune did not start) for a host:pid tag."""
-    host, _, pid = (tag or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return "unknown"
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    try:
-        # A reused pid belongs to another program. A sweep job that submitit started runs as
-        # `python -m submitit.core._submit <folder>`, without visiontune in its command line.
-        command = cmdline.read_bytes()
-        alive = b"visiontune" in command or b"submitit" in command
-    except OSError:
-        return "dead"
-    return "alive" if alive else "dead"
+from visiontune.runs import process_state
 
 
 def main(argv: Sequence[str] | None = None) -> int:
