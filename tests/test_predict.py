@@ -6,10 +6,12 @@ All of it on the shared sweep (tiny_sweep): its best child is models:/ants@champ
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import json
 import os
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -145,8 +147,9 @@ def test_the_pyfunc_takes_paths_bytes_and_base64_alike(tiny_sweep, champion, mon
     assert odd["class"].isna().all() and "row 0" in odd["error"][0] and "row 1" in odd["error"][1]
 
 
-def test_mlflow_models_serve_answers_with_class_names(tiny_sweep, champion, tmp_path):
-    _, val, _ = champion
+@contextlib.contextmanager
+def served(tiny_sweep, tmp_path):
+    """The champion behind `mlflow models serve`, as the README starts it: its URL."""
     port = free_port()
     env = cli_env(tmp_path) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tiny_sweep.store}"}
     # As in an activated virtual environment: MLflow starts the `uvicorn` found on PATH.
@@ -155,19 +158,58 @@ def test_mlflow_models_serve_answers_with_class_names(tiny_sweep, champion, tmp_
     command += ["--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with background_server(command, tmp_path, env, f"{url}/ping", tmp_path / "serve.log"):
-        # The README's request: images as base64 strings in a dataframe_split, top_k as a param.
-        images = [base64.b64encode(p.read_bytes()).decode() for p in val[:2]]
-        body = {
-            "dataframe_split": {"columns": ["image"], "data": [[i] for i in images]},
-            "params": {"top_k": 2},
-        }
-        request = urllib.request.Request(
-            f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        yield url
+
+
+def invoke(url: str, images: list[str], top_k: int) -> tuple[int, dict]:
+    """The README's request (base64 strings in a dataframe_split, top_k as a param): the HTTP status
+    and the answer, parsed as strict JSON (NaN, which JSON has not, is refused)."""
+    body = {
+        "dataframe_split": {"columns": ["image"], "data": [[i] for i in images]},
+        "params": {"top_k": top_k},
+    }
+    request = urllib.request.Request(
+        f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
         with opener.open(request, timeout=60) as response:
-            predictions = json.loads(response.read())["predictions"]
+            status, text = response.status, response.read()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read()
+    return status, json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text[:300]!r}"))
+
+
+def test_mlflow_models_serve_answers_with_class_names(tiny_sweep, champion, tmp_path):
+    _, val, _ = champion
+    with served(tiny_sweep, tmp_path) as url:
+        status, answer = invoke(url, [base64.b64encode(p.read_bytes()).decode() for p in val[:2]], top_k=2)
+    assert status == 200
+    predictions = answer["predictions"]
     assert len(predictions) == 2
     for answer in predictions:
         assert answer["class"] in {"ants", "bees"} and sorted(answer["top_classes"]) == ["ants", "bees"]
         assert answer["probability"] == max(answer["top_probabilities"]) and answer["error"] is None
+
+
+def test_a_served_model_answers_in_valid_json_an_unreadable_row_and_a_bad_top_k(
+    tiny_sweep, champion, tmp_path
+):
+    """An image that does not decode is a row of nulls with its error, beside the others' answers;
+    top_k below 1 is one 400 answer that names it, not a stack trace."""
+    _, val, _ = champion
+    images = [base64.b64encode(val[0].read_bytes()).decode(), base64.b64encode(b"GIF89a broken").decode()]
+    with served(tiny_sweep, tmp_path) as url:
+        status, answer = invoke(url, images, top_k=1)
+        refused = {k: invoke(url, images[:1], top_k=k) for k in (0, -1)}
+    assert status == 200
+    good, bad = answer["predictions"]
+    assert good["class"] in {"ants", "bees"} and good["error"] is None
+    assert {k: bad[k] for k in ("class", "probability", "top_classes", "top_probabilities")} == dict.fromkeys(
+        ("class", "probability", "top_classes", "top_probabilities")
+    )
+    assert "row 1" in bad["error"] and "not an image" in bad["error"]
+    for k, (status, answer) in refused.items():
+        assert status == 400, answer
+        assert f"top_k={k}" in answer["message"] and "1 or more" in answer["message"]
+        assert "Traceback" not in json.dumps(answer)
