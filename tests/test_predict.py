@@ -82,6 +82,28 @@ def test_an_unreadable_image_is_a_marked_row_not_a_failure(
     assert str(broken) in warning, "one warning line names the file"
 
 
+def test_links_fifos_and_devices_are_unreadable_rows_never_opened(tiny_sweep, champion, tmp_path):
+    """A glob that matches a dangling or a looping link, a FIFO and /dev/zero named on the command
+    line: a row marked unreadable each, beside the image's answer, and the command does not block
+    (a FIFO opened for reading waits for a writer forever; /dev/zero never ends)."""
+    _, val, _ = champion
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    given = [str(val[0]), str(tmp_path / "dang*.jpg"), str(tmp_path / "loo?.jpg"), str(fifo), "/dev/zero"]
+    args = (CHAMPION, *given, "--format", "json", "--num-workers", "0")
+    result = run_cli(tiny_sweep.cwd, *args, module="visiontune.commands.predict", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout)
+    special = [str(tmp_path / "dangling.jpg"), str(tmp_path / "loop.jpg"), str(fifo), "/dev/zero"]
+    assert [r["path"] for r in rows] == [str(val[0]), *special]
+    assert rows[0]["class"] in {"ants", "bees"} and rows[0]["error"] is None
+    assert all(r["class"] is None and r["error"] == "unreadable" for r in rows[1:])
+    for path in special:
+        assert path in result.stderr, f"a warning line names {path}"
+
+
 @pytest.mark.parametrize("missing", ["model", "file"])
 def test_predict_names_a_missing_model_or_file_in_one_line(
     tiny_sweep, tiny_folder, missing, monkeypatch, capsys
