@@ -169,6 +169,38 @@ def test_the_pyfunc_takes_paths_bytes_and_base64_alike(tiny_sweep, champion, mon
     assert odd["class"].isna().all() and "row 0" in odd["error"][0] and "row 1" in odd["error"][1]
 
 
+def test_the_pyfunc_marks_a_fifo_or_device_path_unreadable_without_opening_it(
+    tiny_sweep, champion, monkeypatch, tmp_path
+):
+    """Opening a FIFO would wait for a writer forever and /dev/zero never ends: an alarm turns
+    such a wait into a failure here instead of a hung test."""
+    import signal
+
+    import mlflow
+    import pandas as pd
+
+    _, val, _ = champion
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_sweep.store}")
+    model = mlflow.pyfunc.load_model(CHAMPION)
+
+    def hung(*_):
+        pytest.fail("the pyfunc opened a FIFO or a device and waited")  # no OSError: rows catch those
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        answer = model.predict(pd.DataFrame({"image": [str(val[0]), str(fifo), "/dev/zero"]}))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert answer["class"][0] in {"ants", "bees"} and answer["error"][0] is None
+    assert answer["class"][1:].isna().all()
+    assert "row 1" in answer["error"][1] and "not a regular file" in answer["error"][1]
+    assert "row 2" in answer["error"][2] and "not a regular file" in answer["error"][2]
+
+
 @contextlib.contextmanager
 def served(tiny_sweep, tmp_path):
     """The champion behind `mlflow models serve`, as the README starts it: its URL."""
