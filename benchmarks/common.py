@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,13 +78,21 @@ def standin_weights(spec, folder: Path) -> Path:
     return path
 
 
-def run_seed(
-    seed_script: Path, data: Path, model: str, mode: str, epochs: int, workers: int, weights: Path
-) -> dict:
+@dataclass(frozen=True)
+class SeedSettings:
+    """What every run of the tutorial's loop in one benchmark shares; the case (model, mode) varies."""
+
+    script: Path
+    data: Path
+    epochs: int
+    workers: int
+
+
+def run_seed(settings: SeedSettings, model: str, mode: str, weights: Path) -> dict:
     """The tutorial's loop in a process of its own: per-epoch seconds, best val acc, process wall time."""
     feature_extract = "1" if mode == "feature_extract" else "0"
-    cmd = [sys.executable, str(seed_script), str(data), model, str(epochs), feature_extract]
-    cmd += [str(weights) if mode != "scratch" else "none", str(workers)]
+    cmd = [sys.executable, str(settings.script), str(settings.data), model, str(settings.epochs)]
+    cmd += [feature_extract, str(weights) if mode != "scratch" else "none", str(settings.workers)]
     tic = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     wall = time.perf_counter() - tic

@@ -22,7 +22,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import DATA, SEED, check_inputs, machine, model_spec, run_seed, standin_weights, visiontune_env
+from common import (
+    DATA,
+    SEED,
+    SeedSettings,
+    check_inputs,
+    machine,
+    model_spec,
+    run_seed,
+    standin_weights,
+    visiontune_env,
+)
 
 CASES = ("squeezenet:feature_extract", "resnet:finetune", "inception:finetune")
 
@@ -76,10 +86,11 @@ def main() -> None:
     print(
         f"{'case':28s}{'':14s}{'epoch 1 s':>10s}{'later s':>9s}{'best acc':>10s}{'  speed-up later (all)':>18s}"
     )
+    settings = SeedSettings(args.seed_script, args.data, args.epochs, args.workers)
     with tempfile.TemporaryDirectory() as tmp:
         for i, (model, mode) in enumerate(cases):
             weights = standin_weights(model_spec(model), Path(tmp))
-            seed = run_seed(args.seed_script, args.data, model, mode, args.epochs, args.workers, weights)
+            seed = run_seed(settings, model, mode, weights)
             ours = run_visiontune(args, model, mode, weights, Path(tmp) / str(i))
             ratio = later(seed["epoch_s"]) / later(ours["epoch_s"])
             total = sum(seed["epoch_s"]) / sum(ours["epoch_s"])

@@ -21,14 +21,25 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DATA, SEED, check_inputs, machine, model_spec, run_seed, standin_weights, visiontune_env
+from common import (
+    DATA,
+    SEED,
+    SeedSettings,
+    check_inputs,
+    machine,
+    model_spec,
+    run_seed,
+    standin_weights,
+    visiontune_env,
+)
 
 MODELS = ("resnet", "alexnet", "vgg", "squeezenet", "densenet", "inception")
 MODES = ("finetune", "feature_extract", "scratch")
 
 
 def tutorial_estimate(args, model: str, mode: str, weights: Path) -> float:
-    seed = run_seed(args.seed_script, args.data, model, mode, args.seed_epochs, args.workers, weights)
+    settings = SeedSettings(args.seed_script, args.data, args.seed_epochs, args.workers)
+    seed = run_seed(settings, model, mode, weights)
     per_epoch = statistics.median(seed["epoch_s"][1:] or seed["epoch_s"])
     return seed["wall_s"] + (args.epochs - args.seed_epochs) * per_epoch
 

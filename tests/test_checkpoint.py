@@ -76,13 +76,13 @@ def test_a_killed_run_resumes_into_the_same_run_and_ends_exactly_as_an_uninterru
 
     # The ghost is found (its process is dead), listed with the command that continues it, and
     # with --mark-failed no longer shows as RUNNING; resuming works either way.
-    listing = run_cli(tmp_path, *(["--mark-failed"] if workers else []), module="visiontune.runs")
+    listing = run_cli(tmp_path, *(["--mark-failed"] if workers else []), module="visiontune.commands.runs")
     assert listing.returncode == 0, listing.stderr
     assert f"{killed.info.run_id} resnet-scratch: its process" in listing.stdout
     assert f"resume with: visiontune-train resume={killed.info.run_id}" in listing.stdout
     if workers:
         assert store_runs(tmp_path / "outputs" / "mlflow.db")[0].info.status == "FAILED"
-        assert "no run is left RUNNING" in run_cli(tmp_path, module="visiontune.runs").stdout
+        assert "no run is left RUNNING" in run_cli(tmp_path, module="visiontune.commands.runs").stdout
 
     result = run_cli(tmp_path, f"resume={killed.info.run_id}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -105,7 +105,7 @@ def test_sigterm_stops_with_143_then_resume_last_continues_it(tmp_path, folder):
         "epochs=50"
     ]  # stopped half-way
     with after_first_epoch(tmp_path, *args, poll=0.05) as running:
-        live = run_cli(tmp_path, module="visiontune.runs")  # a run in progress is no ghost
+        live = run_cli(tmp_path, module="visiontune.commands.runs")  # a run in progress is no ghost
         twice = run_cli(tmp_path, f"resume={store_runs(tmp_path / 'outputs' / 'mlflow.db')[0].info.run_id}")
         # To the whole process group, DataLoader workers included, as `timeout` and SLURM send it.
         os.killpg(running.process.pid, signal.SIGTERM)

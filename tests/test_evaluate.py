@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from conftest import FAST, run_cli
-from visiontune import evaluate
+from visiontune import store
+from visiontune.commands import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,8 @@ def trained(tmp_path_factory, tiny_folder):
 
 def evaluation_runs(client, data_tag: str) -> list:
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, f"tags.`{evaluate.DATA_TAG}` = '{data_tag}'")
-    return [r for r in runs if evaluate.EVALUATES_TAG in r.data.tags]
+    runs = client.search_runs(experiments, f"tags.`{store.tags.DATA}` = '{data_tag}'")
+    return [r for r in runs if store.tags.EVALUATES in r.data.tags]
 
 
 def read_csv(path) -> list[dict]:
@@ -53,7 +54,13 @@ def test_evaluation_scores_the_model_as_its_pyfunc_and_its_training_run_do(train
 
     run_id, out = trained.run.info.run_id, tmp_path / "out"
     result = run_cli(
-        trained.cwd, run_id, "--data", str(tiny_folder), "--out", str(out), module="visiontune.evaluate"
+        trained.cwd,
+        run_id,
+        "--data",
+        str(tiny_folder),
+        "--out",
+        str(out),
+        module="visiontune.commands.evaluate",
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -78,8 +85,8 @@ def test_evaluation_scores_the_model_as_its_pyfunc_and_its_training_run_do(train
     assert evaluation.info.experiment_id == trained.run.info.experiment_id
     assert evaluation.info.run_name == f"evaluate-{run_id[:8]}-{tiny_folder.name}"
     tags, metrics = evaluation.data.tags, evaluation.data.metrics
-    assert tags[evaluate.EVALUATES_TAG] == f"runs:/{run_id}/model"
-    assert tags[evaluate.SOURCE_RUN_TAG] == run_id
+    assert tags[store.tags.EVALUATES] == f"runs:/{run_id}/model"
+    assert tags[store.tags.SOURCE_RUN] == run_id
     assert evaluation.data.params["images"] == "8" and evaluation.data.params["skipped_images"] == "0"
     assert metrics["eval_accuracy"] == pytest.approx(accuracy, abs=1e-9)
     assert {"eval_macro_f1", "eval_recall_ants", "eval_recall_bees", "eval_f1_ants"} <= set(metrics)

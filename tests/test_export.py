@@ -16,8 +16,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import ARCHS, cli_env, input_size_for, prepare_model, run_cli
-from visiontune import export, store
+from visiontune import store
 from visiontune.classifier import Classifier
+from visiontune.commands import export
 
 CLASSES = ["ants", "bees"]
 NO_TORCH = {"PYTHONPATH": str(Path(__file__).parent / "no_torch")}
@@ -95,7 +96,7 @@ def test_export_logs_the_file_on_the_models_run_and_the_file_alone_classifies(tm
     run_id = run.info.run_id
 
     result = run_cli(
-        tmp_path, run_id, "--format", "onnx", "--out", "m.onnx", "--log", module="visiontune.export"
+        tmp_path, run_id, "--format", "onnx", "--out", "m.onnx", "--log", module="visiontune.commands.export"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith(
@@ -139,6 +140,8 @@ def test_log_is_refused_for_a_model_folder_before_any_work(tmp_path, capsys):
 
 
 def test_help_answers_without_importing_torch(tmp_path):
-    result = run_cli(tmp_path, "--help", module="visiontune.export", env=cli_env(tmp_path) | NO_TORCH)
+    result = run_cli(
+        tmp_path, "--help", module="visiontune.commands.export", env=cli_env(tmp_path) | NO_TORCH
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--opset" in result.stdout

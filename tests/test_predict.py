@@ -6,10 +6,12 @@ All of it on the shared sweep (tiny_sweep): its best child is models:/ants@champ
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import json
 import os
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -42,7 +44,7 @@ def test_predict_on_the_val_split_reproduces_the_runs_accuracy(tiny_sweep, tiny_
     run, val, truth = champion
     out = tiny_sweep.cwd / "val-predictions.csv"
     args = (CHAMPION, str(tiny_folder / "val"), "--top-k", "2", "--out", str(out), "--num-workers", "1")
-    result = run_cli(tiny_sweep.cwd, *args, module="visiontune.predict")
+    result = run_cli(tiny_sweep.cwd, *args, module="visiontune.commands.predict")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
     assert [r["path"] for r in rows] == [str(p) for p in val]
@@ -54,7 +56,7 @@ def test_predict_on_the_val_split_reproduces_the_runs_accuracy(tiny_sweep, tiny_
 
 def predict_here(cwd: Path, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:
     """visiontune-predict's main() in this process (no second interpreter start): code, out, err."""
-    from visiontune import predict
+    from visiontune.commands import predict
 
     monkeypatch.chdir(cwd)
     code = predict.main(list(args))
@@ -78,6 +80,28 @@ def test_an_unreadable_image_is_a_marked_row_not_a_failure(
     assert rows[1]["class"] is None and rows[1]["error"] == "unreadable"
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert str(broken) in warning, "one warning line names the file"
+
+
+def test_links_fifos_and_devices_are_unreadable_rows_never_opened(tiny_sweep, champion, tmp_path):
+    """A glob that matches a dangling or a looping link, a FIFO and /dev/zero named on the command
+    line: a row marked unreadable each, beside the image's answer, and the command does not block
+    (a FIFO opened for reading waits for a writer forever; /dev/zero never ends)."""
+    _, val, _ = champion
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    given = [str(val[0]), str(tmp_path / "dang*.jpg"), str(tmp_path / "loo?.jpg"), str(fifo), "/dev/zero"]
+    args = (CHAMPION, *given, "--format", "json", "--num-workers", "0")
+    result = run_cli(tiny_sweep.cwd, *args, module="visiontune.commands.predict", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout)
+    special = [str(tmp_path / "dangling.jpg"), str(tmp_path / "loop.jpg"), str(fifo), "/dev/zero"]
+    assert [r["path"] for r in rows] == [str(val[0]), *special]
+    assert rows[0]["class"] in {"ants", "bees"} and rows[0]["error"] is None
+    assert all(r["class"] is None and r["error"] == "unreadable" for r in rows[1:])
+    for path in special:
+        assert path in result.stderr, f"a warning line names {path}"
 
 
 @pytest.mark.parametrize("missing", ["model", "file"])
@@ -145,8 +169,41 @@ def test_the_pyfunc_takes_paths_bytes_and_base64_alike(tiny_sweep, champion, mon
     assert odd["class"].isna().all() and "row 0" in odd["error"][0] and "row 1" in odd["error"][1]
 
 
-def test_mlflow_models_serve_answers_with_class_names(tiny_sweep, champion, tmp_path):
+def test_the_pyfunc_marks_a_fifo_or_device_path_unreadable_without_opening_it(
+    tiny_sweep, champion, monkeypatch, tmp_path
+):
+    """Opening a FIFO would wait for a writer forever and /dev/zero never ends: an alarm turns
+    such a wait into a failure here instead of a hung test."""
+    import signal
+
+    import mlflow
+    import pandas as pd
+
     _, val, _ = champion
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_sweep.store}")
+    model = mlflow.pyfunc.load_model(CHAMPION)
+
+    def hung(*_):
+        pytest.fail("the pyfunc opened a FIFO or a device and waited")  # no OSError: rows catch those
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        answer = model.predict(pd.DataFrame({"image": [str(val[0]), str(fifo), "/dev/zero"]}))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert answer["class"][0] in {"ants", "bees"} and answer["error"][0] is None
+    assert answer["class"][1:].isna().all()
+    assert "row 1" in answer["error"][1] and "not a regular file" in answer["error"][1]
+    assert "row 2" in answer["error"][2] and "not a regular file" in answer["error"][2]
+
+
+@contextlib.contextmanager
+def served(tiny_sweep, tmp_path):
+    """The champion behind `mlflow models serve`, as the README starts it: its URL."""
     port = free_port()
     env = cli_env(tmp_path) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tiny_sweep.store}"}
     # As in an activated virtual environment: MLflow starts the `uvicorn` found on PATH.
@@ -155,19 +212,58 @@ def test_mlflow_models_serve_answers_with_class_names(tiny_sweep, champion, tmp_
     command += ["--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with background_server(command, tmp_path, env, f"{url}/ping", tmp_path / "serve.log"):
-        # The README's request: images as base64 strings in a dataframe_split, top_k as a param.
-        images = [base64.b64encode(p.read_bytes()).decode() for p in val[:2]]
-        body = {
-            "dataframe_split": {"columns": ["image"], "data": [[i] for i in images]},
-            "params": {"top_k": 2},
-        }
-        request = urllib.request.Request(
-            f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        yield url
+
+
+def invoke(url: str, images: list[str], top_k: int) -> tuple[int, dict]:
+    """The README's request (base64 strings in a dataframe_split, top_k as a param): the HTTP status
+    and the answer, parsed as strict JSON (NaN, which JSON has not, is refused)."""
+    body = {
+        "dataframe_split": {"columns": ["image"], "data": [[i] for i in images]},
+        "params": {"top_k": top_k},
+    }
+    request = urllib.request.Request(
+        f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
         with opener.open(request, timeout=60) as response:
-            predictions = json.loads(response.read())["predictions"]
+            status, text = response.status, response.read()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read()
+    return status, json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text[:300]!r}"))
+
+
+def test_mlflow_models_serve_answers_with_class_names(tiny_sweep, champion, tmp_path):
+    _, val, _ = champion
+    with served(tiny_sweep, tmp_path) as url:
+        status, answer = invoke(url, [base64.b64encode(p.read_bytes()).decode() for p in val[:2]], top_k=2)
+    assert status == 200
+    predictions = answer["predictions"]
     assert len(predictions) == 2
     for answer in predictions:
         assert answer["class"] in {"ants", "bees"} and sorted(answer["top_classes"]) == ["ants", "bees"]
         assert answer["probability"] == max(answer["top_probabilities"]) and answer["error"] is None
+
+
+def test_a_served_model_answers_in_valid_json_an_unreadable_row_and_a_bad_top_k(
+    tiny_sweep, champion, tmp_path
+):
+    """An image that does not decode is a row of nulls with its error, beside the others' answers;
+    top_k below 1 is one 400 answer that names it, not a stack trace."""
+    _, val, _ = champion
+    images = [base64.b64encode(val[0].read_bytes()).decode(), base64.b64encode(b"GIF89a broken").decode()]
+    with served(tiny_sweep, tmp_path) as url:
+        status, answer = invoke(url, images, top_k=1)
+        refused = {k: invoke(url, images[:1], top_k=k) for k in (0, -1)}
+    assert status == 200
+    good, bad = answer["predictions"]
+    assert good["class"] in {"ants", "bees"} and good["error"] is None
+    assert {k: bad[k] for k in ("class", "probability", "top_classes", "top_probabilities")} == dict.fromkeys(
+        ("class", "probability", "top_classes", "top_probabilities")
+    )
+    assert "row 1" in bad["error"] and "not an image" in bad["error"]
+    for k, (status, answer) in refused.items():
+        assert status == 400, answer
+        assert f"top_k={k}" in answer["message"] and "1 or more" in answer["message"]
+        assert "Traceback" not in json.dumps(answer)

@@ -16,7 +16,7 @@ def swept(tiny_sweep):
 
 
 def compare(cwd, *args):
-    return run_cli(cwd, *args, module="visiontune.compare")
+    return run_cli(cwd, *args, module="visiontune.commands.compare")
 
 
 def read_report(out):

@@ -333,13 +333,13 @@ def test_a_parallel_sweep_writes_every_epoch_to_one_server(tmp_path, tiny_folder
     # The commands over the same server: a leaderboard, the UI's link, a prediction from runs:/.
     compared = run_cli(
         tmp_path, "--parent", parent.info.run_id, "--out", "report", "--tracking-uri", server.url,
-        module="visiontune.compare", timeout=120,
+        module="visiontune.commands.compare", timeout=120,
     )  # fmt: skip
     assert compared.returncode == 0, compared.stderr[-2000:]
     assert compared.stdout.count("| squeezenet-scratch #") == 4
     assert (tmp_path / "report" / "val_acc_overlay.png").is_file()
 
-    ui = run_cli(tmp_path, "--tracking-uri", server.url, module="visiontune.ui", timeout=60)
+    ui = run_cli(tmp_path, "--tracking-uri", server.url, module="visiontune.commands.ui", timeout=60)
     assert ui.returncode == 0, ui.stderr
     experiment_id = parent.info.experiment_id
     assert f"open {server.url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning" in ui.stdout
@@ -348,7 +348,7 @@ def test_a_parallel_sweep_writes_every_epoch_to_one_server(tmp_path, tiny_folder
     best = parent.data.tags["best_child_run_id"]
     predicted = run_cli(
         tmp_path, f"runs:/{best}/model", str(tiny_folder / "val"), "--tracking-uri", server.url,
-        "--num-workers", "0", module="visiontune.predict", timeout=120,
+        "--num-workers", "0", module="visiontune.commands.predict", timeout=120,
     )  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     assert len(predicted.stdout.splitlines()) == 1 + 8, "a header and one row per val image"
@@ -360,7 +360,7 @@ def test_a_server_that_does_not_answer_is_one_line_at_once(tmp_path, tiny_folder
     args = ["-m", "seed=1,2", *data_args(tiny_folder), f"mlflow.tracking_uri={down}"]
     swept = run_cli(tmp_path, *args, timeout=90)
     args = ["--experiment", "x", "--out", "r", "--tracking-uri", down]
-    compared = run_cli(tmp_path, *args, module="visiontune.compare", timeout=90)
+    compared = run_cli(tmp_path, *args, module="visiontune.commands.compare", timeout=90)
     assert time.monotonic() - started < 60, "not MLflow's minutes of retries"
     for result in (swept, compared):
         assert result.returncode == 1

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import REPO, background_server, free_port
-from visiontune.ui import TRAINING_VIEW
+from visiontune.commands import TRAINING_VIEW
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -84,7 +84,7 @@ def ui(sweep, tmp_path_factory):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     log_path = tmp_path_factory.mktemp("mlflow-ui") / "visiontune-ui.log"
-    command = [sys.executable, "-m", "visiontune.ui", "--port", str(port)]
+    command = [sys.executable, "-m", "visiontune.commands.ui", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with background_server(command, sweep.store.parent.parent, env, f"{url}/health", log_path):
         assert "Warning" not in log_path.read_text(), "the server's own deprecations are not shown"
@@ -102,7 +102,7 @@ def test_a_taken_port_is_refused_in_one_line(sweep):
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "visiontune.ui", "--port", str(port)],
+            [sys.executable, "-m", "visiontune.commands.ui", "--port", str(port)],
             **{"cwd": sweep.store.parent.parent, "capture_output": True, "text": True, "timeout": 60},
         )
     assert result.returncode == 1

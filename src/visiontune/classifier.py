@@ -11,6 +11,7 @@ import binascii
 import functools
 import io
 import os
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,9 @@ def top_k(probabilities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 def decode_value(value, row: int, max_image_pixels: int | None = None) -> torch.Tensor:
     """An image given as a path, raw encoded bytes, or a base64 string, decoded to uint8 RGB."""
     if isinstance(value, str) and _looks_like_path(value):
+        if not stat.S_ISREG(os.stat(value).st_mode):
+            # Opening a FIFO waits for a writer forever, and a device such as /dev/zero never ends.
+            raise ValueError(f"row {row}: {value} is not a regular file (a FIFO, a device or a socket)")
         return data.decode(value, max_image_pixels)
     if isinstance(value, str):
         value = _base64(value, row)

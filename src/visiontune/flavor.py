@@ -24,6 +24,7 @@ from visiontune.classifier import Classifier, classify_values, top_k
 
 METADATA_KEY = "visiontune"
 IMAGE_COLUMN = "image"
+COLUMNS = ["class", "probability", "top_classes", "top_probabilities", "error"]  # one row per image
 
 
 def signature() -> ModelSignature:
@@ -95,13 +96,14 @@ class ImageModel:
         import pandas as pd
 
         values = _image_values(model_input)
-        k = int((params or {}).get("top_k", 1))
-        rows = []
-        for probabilities, error in classify_values(self.classifier, values):
-            rows.append(self._row(probabilities, k) if error is None else {"error": error})
-        return pd.DataFrame(
-            rows, columns=["class", "probability", "top_classes", "top_probabilities", "error"]
-        )
+        k = _top_k(params)
+        rows = [
+            self._row(probabilities, k) if error is None else dict.fromkeys(COLUMNS) | {"error": error}
+            for probabilities, error in classify_values(self.classifier, values)
+        ]
+        # Object columns keep None as None: in float ones pandas turns it into NaN, which a served
+        # answer would carry into its JSON, where NaN is not a value.
+        return pd.DataFrame(rows, columns=COLUMNS, dtype=object)
 
     def _row(self, probabilities, k: int) -> dict:
         values, indices = top_k(probabilities.unsqueeze(0), k)
@@ -114,6 +116,18 @@ class ImageModel:
             "top_probabilities": scores,
             "error": None,  # null in a served answer, where a missing value would be NaN
         }
+
+
+def _top_k(params: dict | None) -> int:
+    """params' top_k, refused below 1 as MLflow refuses a bad request (HTTP 400, one message)."""
+    from mlflow.exceptions import MlflowException
+
+    k = int((params or {}).get("top_k", 1))
+    if k < 1:
+        raise MlflowException.invalid_parameter_value(
+            f"top_k={k}: give 1 or more, the number of classes to list per image"
+        )
+    return k
 
 
 def _image_values(model_input) -> list:

@@ -56,14 +56,6 @@ from visiontune.store.writes import (
     tracked_run,
 )
 
-# old names, for modules not yet moved to store.tags
-ERROR_TAG = tags.ERROR
-CHECKPOINT_TAG = tags.CHECKPOINT
-DIGEST_TAG = tags.CONFIG_DIGEST
-RESUME_TAG = tags.RESUME_COMMAND
-JOB_TAG = tags.JOB
-PROCESS_TAG = tags.PROCESS
-
 __all__ = [
     "PARAM_VALUE_LIMIT",
     "TAG_VALUE_LIMIT",

@@ -30,10 +30,6 @@ if TYPE_CHECKING:
     from visiontune.classifier import Classifier
 
 PROG = "visiontune-evaluate"
-EVALUATES_TAG = "visiontune.evaluates"  # the model URI the run scores
-SOURCE_RUN_TAG = "visiontune.source_run"  # the run that trained that model
-MODEL_ID_TAG = "visiontune.model_id"  # the logged model itself, wherever an alias points later
-DATA_TAG = "visiontune.data"
 DEFAULT_EXPERIMENT = "visiontune"
 MISTAKES_SHOWN = 16
 UI_BASE = "http://127.0.0.1:5000"  # where visiontune-ui serves by default
@@ -44,14 +40,31 @@ UNDEFINED_NOTE = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = _parse(parser, argv)
+
+    from mlflow.exceptions import MlflowException
+
+    from visiontune import VisiontuneError, user_message
+
+    try:
+        folder = labelled_folder(args.data)
+        text = evaluate(args, folder, commands.model_store_uri(parser, args))
+    except (VisiontuneError, MlflowException, OSError) as err:  # OSError: an --out folder we cannot write
+        print(f"{PROG}: error: {user_message(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (an evaluation run that had started is recorded KILLED)", file=sys.stderr)
+        return 130
+    print(text)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Score a logged model on a labelled image folder, recorded as an MLflow run."
     )
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        help="a run id, runs:/<id>/model, models:/<name>/<version>, models:/<name>@<alias> or a model folder",
-    )
+    commands.add_model_argument(parser)
     parser.add_argument(
         "--data",
         type=Path,
@@ -72,27 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="also write the figures and CSV files to this folder")
     commands.add_store_option(parser, "read the model from and record the evaluation in")
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments, refused before any model loads where a number is out of range."""
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0:
         parser.error("--batch-size takes 1 or more, --num-workers 0 or more")
     # data.ImageFiles reports each image that does not decode in a warning line.
     logging.basicConfig(format=f"{PROG}: %(levelname)s: %(message)s", level=logging.WARNING)
-
-    from mlflow.exceptions import MlflowException
-
-    from visiontune import VisiontuneError, user_message
-
-    try:
-        folder = labelled_folder(args.data)
-        text = evaluate(args, folder, commands.model_store_uri(parser, args))
-    except (VisiontuneError, MlflowException, OSError) as err:  # OSError: an --out folder we cannot write
-        print(f"{PROG}: error: {user_message(err).splitlines()[0]}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (an evaluation run that had started is recorded KILLED)", file=sys.stderr)
-        return 130
-    print(text)
-    return 0
+    return args
 
 
 # --- the folder and the model's classes ------------------------------------------------------------
@@ -311,7 +314,7 @@ def evaluate(args: argparse.Namespace, folder: LabelledFolder, uri: str) -> str:
         store.log_metrics(eval_metrics(evaluation), model_id=clf.model_id if source_here else None)
         record_files(evaluation, args.out)
         lines = summary(evaluation)
-        store.set_tags({"mlflow.note.content": f"Evaluation of {given}:\n\n" + "\n\n".join(lines[:2])})
+        store.set_tags({store.tags.NOTE: f"Evaluation of {given}:\n\n" + "\n\n".join(lines[:2])})
     return "\n".join([*lines, where_to_see(args.tracking_uri, uri, experiment_id, run.info.run_id)])
 
 
@@ -345,11 +348,12 @@ def run_start(experiment_id: str, given: str, folder: LabelledFolder, clf: Class
     """evaluate-<model>-<folder>, tagged with what it scores, on what, and which run trained it."""
     from visiontune import store
 
-    tags = {EVALUATES_TAG: given, DATA_TAG: str(folder.root), store.PROCESS_TAG: store.this_process()}
-    tags |= {SOURCE_RUN_TAG: clf.run_id} if clf.run_id else {}
-    tags |= {MODEL_ID_TAG: clf.model_id} if clf.model_id else {}
-    tags |= {"model": clf.model} if clf.model else {}
-    return store.RunStart(experiment_id, f"evaluate-{short_name(given)}-{folder.root.name}", tags)
+    tags = store.tags
+    marks = {tags.EVALUATES: given, tags.DATA: str(folder.root), tags.PROCESS: store.this_process()}
+    marks |= {tags.SOURCE_RUN: clf.run_id} if clf.run_id else {}
+    marks |= {tags.MODEL_ID: clf.model_id} if clf.model_id else {}
+    marks |= {"model": clf.model} if clf.model else {}
+    return store.RunStart(experiment_id, f"evaluate-{short_name(given)}-{folder.root.name}", marks)
 
 
 def short_name(model: str) -> str:
@@ -462,12 +466,10 @@ def summary(evaluation: Evaluation) -> list[str]:
 
 def where_to_see(given_uri: str | None, uri: str, experiment_id: str, run_id: str) -> str:
     """The last line: the run's id and how to open it."""
-    from visiontune import ui
-
     if uri.startswith(("http://", "https://")):
-        return f"evaluation run {run_id}: open {ui.experiment_url(uri, experiment_id, run_id)}"
+        return f"evaluation run {run_id}: open {commands.experiment_url(uri, experiment_id, run_id)}"
     command = "visiontune-ui" + (f" --tracking-uri {given_uri}" if given_uri else "")
-    url = ui.experiment_url(UI_BASE, experiment_id, run_id)
+    url = commands.experiment_url(UI_BASE, experiment_id, run_id)
     return f"evaluation run {run_id}: see it with {command}, at {url}"
 
 

@@ -10,9 +10,6 @@ from collections.abc import Sequence
 
 from visiontune import commands
 
-# MLflow 3.17's UI ignores the experiment's kind tag and opens on its GenAI view unless the
-# page's URL (or the browser's remembered sidebar switch) asks for Model training.
-TRAINING_VIEW = "workflowType=machine_learning"
 # The UI only serves the store: no telemetry, no background job runners (they also slow its start).
 QUIET = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -22,11 +19,6 @@ QUIET = {
     # (Starlette's is a UserWarning, matched by the start of its text.)
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated",
 }
-
-
-def experiment_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
-    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
-    return f"{base}/{path}?{TRAINING_VIEW}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,10 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     uri = commands.store_uri(parser, args)
     if store.is_server(uri):  # it serves its own UI, to everyone who logs to it
-        experiment = store.open_store(uri).get_experiment_by_name(args.experiment)
+        page = _first_page(uri, uri.rstrip("/"), args.experiment)
         print(f"{uri} is an MLflow server with a UI of its own; nothing to start here")
-        base = uri.rstrip("/")
-        print(f"open {experiment_url(base, experiment.experiment_id) if experiment else base}")
+        print(f"open {page}")
         return 0
     if not _can_listen(args.host, args.port):
         print(
@@ -53,14 +44,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     # Upgrading an older store here, under visiontune's lock, keeps the UI's own start-up from
     # migrating it while a training run opens it too.
-    experiment = store.open_store(uri).get_experiment_by_name(args.experiment)
-    base = f"http://{args.host}:{args.port}"
+    page = _first_page(uri, f"http://{args.host}:{args.port}", args.experiment)
     print(f"serving {uri}")
-    print(f"open {experiment_url(base, experiment.experiment_id) if experiment else base}", flush=True)
+    print(f"open {page}", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     command += ["--host", args.host, "--port", str(args.port), "--workers", "1"]
     os.execvpe(sys.executable, command, os.environ | QUIET)
     return 0  # not reached: the MLflow UI replaces this process
+
+
+def _first_page(uri: str, base: str, experiment: str) -> str:
+    """The UI's page of the experiment's runs, or its front page where the store has no such experiment."""
+    from visiontune import store
+
+    found = store.open_store(uri).get_experiment_by_name(experiment)
+    return commands.experiment_url(base, found.experiment_id) if found else base
 
 
 def _can_listen(host: str, port: int) -> bool:

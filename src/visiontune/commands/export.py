@@ -66,12 +66,29 @@ class Parity:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.opset < OPSET:
+        parser.error(f"--opset {args.opset}: the exporter writes opset {OPSET} or newer")
+    problem = _cannot_start(args)
+    if problem:
+        return _fail(problem)
+    uri = commands.model_store_uri(parser, args)
+
+    from mlflow.exceptions import MlflowException
+
+    from visiontune import VisiontuneError
+
+    try:
+        _export(args, uri)
+    except (VisiontuneError, MlflowException) as err:
+        return _fail(str(err))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        help="a run id, runs:/<id>/model, models:/<name>/<version>, models:/<name>@<alias> or a model folder",
-    )
+    commands.add_model_argument(parser)
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default: onnx)")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="the file to write")
     parser.add_argument(
@@ -81,44 +98,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--log", action="store_true", help="also store FILE on the model's run, as the artifact onnx/FILE"
     )
     commands.add_store_option(parser)
-    args = parser.parse_args(argv)
-    if args.opset < OPSET:
-        parser.error(f"--opset {args.opset}: the exporter writes opset {OPSET} or newer")
+    return parser
 
+
+def _cannot_start(args: argparse.Namespace) -> str | None:
+    """Why the export cannot begin, found before any model loads: missing packages, --log of a folder."""
     missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        return _fail(f'ONNX export needs {" and ".join(missing)}: pip install "visiontune[export]"')
+        return f'ONNX export needs {" and ".join(missing)}: pip install "visiontune[export]"'
     if args.log and Path(args.model).is_dir():
-        return _fail(
+        return (
             f"--log stores the file on the model's run, and {args.model} is a folder, not a run's model: "
             "give its run id or models:/ URI instead, or leave --log out"
         )
-    uri = commands.model_store_uri(parser, args)
+    return None
 
-    from mlflow.exceptions import MlflowException
 
+def _export(args: argparse.Namespace, uri: str) -> None:
+    """Load the model, write and check the file (deleted where it does not match), report it, and
+    store it on the model's run with --log."""
     from visiontune import VisiontuneError, flavor, store
 
-    try:
-        classifier = flavor.load(args.model, uri)
-        if args.log and not classifier.run_id:
-            raise VisiontuneError(
-                f"--log: {args.model} was not logged by a run, so there is none to store the file on"
-            )
-        parity = export_onnx(classifier, args.out, args.opset)
-        if not parity.matches:
-            args.out.unlink()
-            raise VisiontuneError(
-                f"onnxruntime's logits differ from PyTorch's by up to {parity.max_diff:.1e} "
-                f"(>= {parity.tolerance:.0e}) for {args.out}, so it was deleted: try another --opset"
-            )
-        print(_summary(classifier, args.out, parity))
-        if args.log:
-            logged = store.add_artifact(uri, classifier.run_id, args.out, "onnx")
-            print(f"logged it to run {classifier.run_id}: {logged}")
-    except (VisiontuneError, MlflowException) as err:
-        return _fail(str(err))
-    return 0
+    classifier = flavor.load(args.model, uri)
+    if args.log and not classifier.run_id:
+        raise VisiontuneError(
+            f"--log: {args.model} was not logged by a run, so there is none to store the file on"
+        )
+    parity = export_onnx(classifier, args.out, args.opset)
+    if not parity.matches:
+        args.out.unlink()
+        raise VisiontuneError(
+            f"onnxruntime's logits differ from PyTorch's by up to {parity.max_diff:.1e} "
+            f"(>= {parity.tolerance:.0e}) for {args.out}, so it was deleted: try another --opset"
+        )
+    print(_summary(classifier, args.out, parity))
+    if args.log:
+        logged = store.add_artifact(uri, classifier.run_id, args.out, "onnx")
+        print(f"logged it to run {classifier.run_id}: {logged}")
 
 
 def _fail(message: str) -> int:

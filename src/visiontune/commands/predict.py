@@ -15,6 +15,7 @@ import glob
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,16 +23,30 @@ from pathlib import Path
 from visiontune import commands
 
 WILDCARDS = frozenset("*?[")
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = _parse(parser, argv)
+
+    from visiontune import VisiontuneError
+
+    try:
+        paths = find_images(args.paths)
+        rows = predict(args, paths, commands.model_store_uri(parser, args))
+    except VisiontuneError as err:
+        print(f"visiontune-predict: error: {err}", file=sys.stderr)
+        return 1
+    return _write_rows(rows, args)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visiontune-predict",
         description="Predict the classes of image files with a model a visiontune run logged.",
     )
-    parser.add_argument(
-        "model", help="a run id, runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>"
-    )
+    commands.add_model_argument(parser)
     parser.add_argument(
         "paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs"
     )
@@ -46,21 +61,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes"
     )
     commands.add_store_option(parser)
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments, refused before any model loads where a number or the --out folder is wrong."""
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1 or args.num_workers < 0:
         parser.error("--top-k and --batch-size take 1 or more, --num-workers 0 or more")
     logging.basicConfig(format="visiontune-predict: %(levelname)s: %(message)s", level=logging.WARNING)
-
-    from visiontune import VisiontuneError
-
     if args.out and not args.out.parent.is_dir():
         parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
-    try:
-        paths = find_images(args.paths)
-        rows = predict(args, paths, commands.model_store_uri(parser, args))
-    except VisiontuneError as err:
-        print(f"visiontune-predict: error: {err}", file=sys.stderr)
-        return 1
+    return args
+
+
+def _write_rows(rows: list[dict], args: argparse.Namespace) -> int:
+    """Write the rows where --out says; the exit code."""
     try:
         write(rows, args.format, args.out, args.top_k)
     except BrokenPipeError:  # `visiontune-predict ... | head`: the reader has all it wants
@@ -88,7 +104,7 @@ def find_images(given: Sequence[str]) -> list[str]:
             path = Path(match)
             if path.is_dir():
                 found.update((str(p), None) for p in data.image_files(path))
-            elif path.is_file():
+            elif os.path.lexists(match):  # a file, or a FIFO, device or broken link: a row all the same
                 found[match] = None
             else:
                 raise VisiontuneError(f"{match}: no such file or folder")
@@ -106,11 +122,31 @@ def predict(args: argparse.Namespace, paths: list[str], uri: str) -> list[dict]:
     device = runtime.pick_device(args.device)
     model = flavor.load(args.model, uri).to(device)
     rows = [{"path": path, "classes": [], "probabilities": [], "error": "unreadable"} for path in paths]
-    for indices, probabilities in classifier.classify_files(model, paths, args.batch_size, args.num_workers):
+    files = [i for i, path in enumerate(paths) if _is_regular_file(path)]
+    batches = classifier.classify_files(model, [paths[i] for i in files], args.batch_size, args.num_workers)
+    for indices, probabilities in batches:
         scores, classes = classifier.top_k(probabilities, args.top_k)
         for row, top, names in zip(indices.tolist(), scores.tolist(), classes.tolist(), strict=True):
-            rows[row] |= {"classes": [model.classes[i] for i in names], "probabilities": top, "error": ""}
+            named = [model.classes[i] for i in names]
+            rows[files[row]] |= {"classes": named, "probabilities": top, "error": ""}
     return rows
+
+
+def _is_regular_file(path: str) -> bool:
+    """Whether `path` (its link followed) is a regular file; a warning line where it is not.
+
+    Anything else is never opened: a FIFO opened for reading waits for a writer forever, and a
+    device such as /dev/zero never ends. The file's type comes from stat, which opens nothing.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:  # a dangling link (ENOENT), a looping one (ELOOP)
+        log.warning("skipping %s: %s", path, err.strerror)
+        return False
+    if not stat.S_ISREG(mode):
+        log.warning("skipping %s: not a regular file (a FIFO, a device or a socket)", path)
+        return False
+    return True
 
 
 def write(rows: list[dict], format: str, out: Path | None, top_k: int) -> None:
