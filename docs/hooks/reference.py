@@ -229,17 +229,23 @@ def commands() -> list[str]:
     return sorted(names, key=lambda n: (n != "visiontune-train", n))
 
 
-def help_text(name: str) -> str:
-    """A console script's --help, run as the installed entry point (wherever its module lives)."""
+def command_line(name: str) -> list[str]:
+    """A console script as an argv prefix, run as its installed entry point: the same code whichever
+    module it lives in, and no dependence on PATH."""
     code = (
         "import sys; from importlib.metadata import entry_points as e; "
-        f"sys.argv = [{name!r}, '--help']; "
+        f"sys.argv = [{name!r}, *sys.argv[1:]]; "
         f"(ep,) = [x for x in e(group='console_scripts') if x.name == {name!r}]; "
         "sys.exit(ep.load()())"
     )
+    return [sys.executable, "-c", code]
+
+
+def help_text(name: str) -> str:
+    """A console script's --help."""
     env = {**os.environ, "COLUMNS": HELP_WIDTH, "NO_COLOR": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        [*command_line(name), "--help"], capture_output=True, text=True, env=env, timeout=120
     )
     if result.returncode != 0:
         raise RuntimeError(f"{name} --help exited {result.returncode}:\n{result.stderr[-2000:]}")
