@@ -618,3 +618,57 @@ def test_a_frozen_backbone_on_larger_batches_gives_the_same_run(tmp_path, tiny_f
         )
     assert len(histories[0]["train_loss"]) == 2
     assert histories[0] == histories[1]
+
+
+# --- one memory budget, divided once ------------------------------------------------------------
+
+
+def _tensor_bytes(value) -> int:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+@pytest.mark.parametrize("cache_mb", [2, 8])
+@pytest.mark.parametrize("mode", ["feature_extract", "staged"])
+def test_data_cache_mb_bounds_every_cache_a_run_holds(tmp_path, standin_weights, monkeypatch, mode, cache_mb):
+    """At the end of the first epoch, when a staged run holds all three (the val split's decoded
+    images, the decoded training images and the frozen backbone's val outputs), their sum stays
+    within data.cache_mb. Photos of 320 x 240 at 224 px make each cache matter at these budgets."""
+    import torch
+
+    from conftest import compose_cfg
+    from visiontune import config, engine, pipeline
+    from visiontune.config import Job
+
+    held: list = []
+
+    class Measured(engine.BackboneCache):  # the real cache, remembered to be weighed
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            held.append(self)
+
+    monkeypatch.setattr(engine, "BackboneCache", Measured)
+    root = make_image_folder(tmp_path / "photos", {"train": 12, "val": 12}, size=(320, 240))
+    cfg = compose_cfg(
+        "model=squeezenet", f"mode={mode}", "data=imagefolder", f"data.root={root}", f"data.cache_mb={cache_mb}",
+        f"model.weights={standin_weights('squeezenet1_0')}", "epochs=2", "num_workers=0", "device=cpu",
+    )
+    settings = config.read(cfg)
+    job = Job(tmp_path, tmp_path, tmp_path / "x.log", {}, [], None, None, started=0.0)
+    setup = pipeline.set_up(settings, job, torch.device("cpu"))
+    sizes = []
+
+    def weigh(report, progress):
+        if report.epoch == 1:
+            replay = getattr(setup.loaders["val"], "batches", None) or []
+            decoded = setup.loaders["train"].loader.dataset.decoded or []
+            cached = [c.cached or [] for c in held]
+            sizes.append(_tensor_bytes(replay) + _tensor_bytes(decoded) + _tensor_bytes(cached))
+
+    engine.fit(setup.training, setup.loaders, on_epoch=weigh)
+    assert sizes and 0 < sizes[0] <= cache_mb * 2**20, f"{sizes[0] / 2**20:.2f} MiB held for {cache_mb}"
