@@ -149,10 +149,9 @@ def test_one_cycle_steps_every_batch_and_peaks_at_each_groups_rate():
     optimizer = torch.optim.SGD(
         [{"params": [layers[1].weight], "lr": 0.1}, {"params": [layers[1].bias], "lr": 0.01}]
     )
-    scheduler, per_batch = optim.build_scheduler(
-        compose_cfg("scheduler=onecycle").scheduler, optimizer, epochs=4, steps_per_epoch=5
-    )
-    assert per_batch
+    settings = config.read(compose_cfg("scheduler=onecycle")).optim
+    scheduler = optim.build_scheduler(settings, optimizer, epochs=4, steps_per_epoch=5)
+    assert settings.per_batch
     seen = []
     for _ in range(20):
         seen.append([g["lr"] for g in optimizer.param_groups])
@@ -264,9 +263,9 @@ def test_two_deterministic_runs_log_identical_metrics(tmp_path, tiny_folder):
 def test_one_cycle_on_a_short_run_warms_up_over_two_steps_or_says_it_is_too_short():
     from visiontune import VisiontuneError
 
-    cfg = compose_cfg("scheduler=onecycle").scheduler
+    settings = config.read(compose_cfg("scheduler=onecycle")).optim
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    scheduler, _ = optim.build_scheduler(cfg, optimizer, epochs=2, steps_per_epoch=2)  # torch: ÷0
+    scheduler = optim.build_scheduler(settings, optimizer, epochs=2, steps_per_epoch=2)  # torch: ÷0
     seen = []
     for _ in range(4):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -274,4 +273,4 @@ def test_one_cycle_on_a_short_run_warms_up_over_two_steps_or_says_it_is_too_shor
         scheduler.step()
     assert seen[1] == pytest.approx(0.1) and seen[0] < seen[1] and seen[3] < seen[1]
     with pytest.raises(VisiontuneError, match="needs at least 4 training steps, this run has 3"):
-        optim.build_scheduler(cfg, optimizer, epochs=1, steps_per_epoch=3)
+        optim.build_scheduler(settings, optimizer, epochs=1, steps_per_epoch=3)

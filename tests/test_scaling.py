@@ -236,9 +236,10 @@ def test_a_killed_submitit_job_stops_the_wait_in_one_line_and_leaves_running_job
 
 def test_a_requeued_sweep_job_counts_as_started_before(tmp_path, monkeypatch):
     """SLURM counts a requeued job's restarts; submitit_local's restart shows as the job's checkpoint."""
-    from visiontune.pipeline import Job, started_before
+    from visiontune.config import Job
+    from visiontune.resume import started_before
 
-    job = Job(tmp_path, tmp_path / "0", tmp_path / "0" / "train.log", {}, [], 0, tmp_path)
+    job = Job(tmp_path, tmp_path / "0", tmp_path / "0" / "train.log", {}, [], 0, tmp_path, started=0.0)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     assert not started_before(job)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
