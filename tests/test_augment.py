@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from conftest import FAST, cli_env, compose_cfg, make_image_folder, run_cli, store_runs
+from helpers import FAST, cli_env, compose_cfg, make_image_folder, run_cli, store_runs
 from visiontune import VisiontuneError, augment, config, data, resume
 from visiontune.runtime import Runtime
 

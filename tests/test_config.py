@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import ARCHS, MODES, compose_cfg, tiny_prepared
+from helpers import ARCHS, MODES, compose_cfg, tiny_prepared
 from visiontune import VisiontuneError, config
 
 

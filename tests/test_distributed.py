@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, has_metric, make_image_folder, run_cli, store_runs
+from helpers import cli_env, has_metric, make_image_folder, run_cli, store_runs
 from visiontune import distributed
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import FAST, run_cli
+from helpers import FAST, run_cli
 from visiontune import store
 from visiontune.commands import evaluate
 

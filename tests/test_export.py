@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import ARCHS, cli_env, input_size_for, prepare_model, run_cli
+from helpers import ARCHS, cli_env, input_size_for, prepare_model, run_cli
 from visiontune import store
 from visiontune.classifier import Classifier
 from visiontune.commands import export

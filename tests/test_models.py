@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from conftest import ARCHS, MODES, SPECS, cpu_training, input_size_for, offline_env, prepare_model
+from helpers import ARCHS, MODES, SPECS, cpu_training, input_size_for, offline_env, prepare_model
 from visiontune import VisiontuneError, engine, models
 
 NUM_CLASSES = 3

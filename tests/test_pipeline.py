@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from helpers import (
     FAST,
     SHARED_DATA,
     cli_env,
@@ -307,7 +307,7 @@ def test_tutorial_data_at_full_size(tmp_path):
 
 def test_pretrained_weights_unavailable_offline(workspace, tiny_folder):
     """The default weights with no network (a closed localhost port as proxy): one clear message."""
-    from conftest import cli_env, offline_env
+    from helpers import cli_env, offline_env
 
     env = offline_env(cli_env(workspace))
     before = snapshot(workspace)
@@ -376,7 +376,7 @@ def test_a_store_locked_mid_run_never_records_the_run_as_finished(tmp_path, tiny
     import sqlite3
     import time
 
-    from conftest import after_first_epoch
+    from helpers import after_first_epoch
 
     args = [f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST[1:], "epochs=500"]
     store = tmp_path / "outputs" / "mlflow.db"
@@ -485,7 +485,7 @@ def test_credentials_in_the_tracking_uri_are_never_recorded_or_printed(tmp_path,
 
     from mlflow.tracking import MlflowClient
 
-    from conftest import background_server, free_port
+    from helpers import background_server, free_port
 
     port, server_dir = free_port(), tmp_path / "server"
     server_dir.mkdir()
@@ -572,7 +572,7 @@ def test_auto_precision_and_layout_on_this_cpu(mode, standin_weights):
     """On a CPU with native bf16 every mode trains in bf16, in NHWC; elsewhere float32, NCHW."""
     import torch
 
-    from conftest import compose_cfg, prepare_model
+    from helpers import compose_cfg, prepare_model
     from visiontune import config, pipeline
     from visiontune.runtime import cpu_has_bf16
 
@@ -641,7 +641,7 @@ def test_data_cache_mb_bounds_every_cache_a_run_holds(tmp_path, standin_weights,
     within data.cache_mb. Photos of 320 x 240 at 224 px make each cache matter at these budgets."""
     import torch
 
-    from conftest import compose_cfg
+    from helpers import compose_cfg
     from visiontune import config, engine, pipeline
     from visiontune.config import Job
 
@@ -655,8 +655,15 @@ def test_data_cache_mb_bounds_every_cache_a_run_holds(tmp_path, standin_weights,
     monkeypatch.setattr(engine, "BackboneCache", Measured)
     root = make_image_folder(tmp_path / "photos", {"train": 12, "val": 12}, size=(320, 240))
     cfg = compose_cfg(
-        "model=squeezenet", f"mode={mode}", "data=imagefolder", f"data.root={root}", f"data.cache_mb={cache_mb}",
-        f"model.weights={standin_weights('squeezenet1_0')}", "epochs=2", "num_workers=0", "device=cpu",
+        "model=squeezenet",
+        f"mode={mode}",
+        "data=imagefolder",
+        f"data.root={root}",
+        f"data.cache_mb={cache_mb}",
+        f"model.weights={standin_weights('squeezenet1_0')}",
+        "epochs=2",
+        "num_workers=0",
+        "device=cpu",
     )
     settings = config.read(cfg)
     job = Job(tmp_path, tmp_path, tmp_path / "x.log", {}, [], None, None, started=0.0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import background_server, cli_env, free_port, run_cli
+from helpers import background_server, cli_env, free_port, run_cli
 
 CHAMPION = "models:/ants@champion"
 

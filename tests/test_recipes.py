@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (
+from helpers import (
     ARCHS,
     FAST,
     SPECS,

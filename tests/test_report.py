@@ -7,7 +7,7 @@ import csv
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")

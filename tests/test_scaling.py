@@ -22,7 +22,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST, background_server, cli_env, free_port, has_metric, run_cli, store_runs
+from helpers import FAST, background_server, cli_env, free_port, has_metric, run_cli, store_runs
 from visiontune import store
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "lr")
@@ -256,7 +256,7 @@ def test_a_sweep_job_still_training_under_submitit_is_not_continued_twice(tmp_pa
     new job refuses, where continuing the same run from two processes would log epochs twice."""
     from mlflow.tracking import MlflowClient
 
-    from conftest import compose_cfg
+    from helpers import compose_cfg
     from visiontune import VisiontuneError, resume, sweep
     from visiontune.config import Job
 

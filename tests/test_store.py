@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import SPECS
+from helpers import SPECS
 from visiontune import VisiontuneError, models, redact, store
 
 

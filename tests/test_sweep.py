@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, interrupt_once_training, run_cli, store_runs
+from helpers import FAST, interrupt_once_training, run_cli, store_runs
 from visiontune.sweep import swept_keys
 
 
@@ -236,7 +236,7 @@ def test_a_killed_joblib_worker_stops_the_sweep_in_one_line_with_nothing_left_ru
     import os
     import signal
 
-    from conftest import after_first_epoch
+    from helpers import after_first_epoch
 
     fast = [o for o in FAST if not o.startswith("epochs=")]
     args = ["-m", "seed=1,2,3,4", f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *fast]
@@ -273,7 +273,7 @@ def test_a_killed_sweep_resumed_with_resume_last_trains_only_what_is_left(tmp_pa
     import sys
     import time
 
-    from conftest import cli_env
+    from helpers import cli_env
 
     fast = [o for o in FAST if not o.startswith("epochs=")]
     args = [
