@@ -1,12 +1,14 @@
 """Plain helpers the tests import (`from helpers import ...`): the real config and model specs, tiny
 real image folders, the real CLI run as a user runs it, the real store, the offline proxy, local
-servers. Fixtures live in conftest.py.
+servers, and the documentation's pages and commands. Fixtures live in conftest.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -253,3 +255,36 @@ def background_server(command: list[str], cwd: Path, env: dict, health_url: str,
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=15)
+
+
+# --- the documentation: tests/test_docs.py checks the pages, tests/e2e/test_docs.py runs their commands
+
+DOCS = REPO / "docs"
+PAGES = [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
+FENCE = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", re.M | re.S)
+
+
+def _load_reference():
+    spec = importlib.util.spec_from_file_location("docs_reference", DOCS / "hooks" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+reference = _load_reference()
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(page, command line) for each visiontune-train line in a shell block, continuations joined."""
+    found, seen = [], set()
+    for page in PAGES:
+        for block in FENCE.findall(page.read_text()):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.strip().removeprefix("$ ").removeprefix(".venv/bin/")
+                if line.startswith("visiontune-train") and line not in seen:  # each once
+                    seen.add(line)
+                    found.append((str(page.relative_to(REPO)), line))
+    return found
+
+
+COMMANDS = documented_commands()
