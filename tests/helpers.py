@@ -1,6 +1,6 @@
 """Plain helpers the tests import (`from helpers import ...`): the real config and model specs, tiny
 real image folders, the real CLI run as a user runs it, the real store, the offline proxy, local
-servers, and the documentation's pages and commands. Fixtures live in conftest.py.
+servers, and what the documentation, export and predict tests share. Fixtures live in conftest.py.
 """
 
 from __future__ import annotations
@@ -14,12 +14,19 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from hydra import compose, initialize_config_module
 from PIL import Image
 
 from visiontune import config
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+    from visiontune.classifier import Classifier
 
 # No test reaches the network: MLflow's usage telemetry stays off in this process and the CLIs.
 NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
@@ -257,6 +264,10 @@ def background_server(command: list[str], cwd: Path, env: dict, health_url: str,
             server.wait(timeout=15)
 
 
+# Python refuses to import torch in a process run with this: config checks must not need it.
+NO_TORCH = {"PYTHONPATH": str(Path(__file__).parent / "no_torch")}
+
+
 # --- the documentation: tests/test_docs.py checks the pages, tests/e2e/test_docs.py runs their commands
 
 DOCS = REPO / "docs"
@@ -288,3 +299,54 @@ def documented_commands() -> list[tuple[str, str]]:
 
 
 COMMANDS = documented_commands()
+
+
+# --- ONNX export: tests/test_commands_export.py and tests/e2e/test_export.py
+
+CLASSES = ["ants", "bees"]
+
+
+def like_trained(module: torch.nn.Module, size: int) -> torch.nn.Module:
+    """The module in eval mode, each batch norm holding the statistics of its input on a random
+    batch, as training leaves them.
+
+    Scratch weights with unit statistics blow inception's logits up to ~1e10, where a difference
+    of 1e-4 says nothing; calibrated, every architecture's logits stay near 1.
+    """
+    import torch
+
+    def calibrate(layer, inputs):
+        layer.running_mean.copy_(inputs[0].mean((0, 2, 3)))
+        layer.running_var.copy_(inputs[0].var((0, 2, 3)))
+
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    hooks = [layer.register_forward_pre_hook(calibrate) for layer in layers]
+    with torch.no_grad():
+        module.eval()(torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1)))
+    for hook in hooks:
+        hook.remove()
+    return module
+
+
+def classifier_for(model_name: str) -> Classifier:
+    from visiontune.classifier import Classifier
+
+    prepared = prepare_model(model_name, "scratch")
+    size = input_size_for(model_name)
+    return Classifier(
+        like_trained(prepared.module, size), list(CLASSES), size, model_name, prepared.spec.arch
+    )
+
+
+def metadata_props(model: onnx.ModelProto) -> dict[str, str]:
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def predict_here(cwd: Path, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:
+    """visiontune-predict's main() in this process (no second interpreter start): code, out, err."""
+    from visiontune.commands import predict
+
+    monkeypatch.chdir(cwd)
+    code = predict.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
