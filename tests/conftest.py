@@ -1,6 +1,6 @@
 """The fixtures the tests share, by name (tests in tests/e2e/ too): tiny real image folders, stand-in
-weight files, one finished sweep in a real store, a fresh store with an experiment, no store
-inherited between tests. Plain helpers are in helpers.py."""
+weight files, one finished sweep in a real store, no store inherited between tests. Plain helpers
+are in helpers.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from helpers import FAST, SPECS, make_image_folder, run_cli, store_runs
-from visiontune import store
 
 
 @pytest.fixture(scope="session")
@@ -69,9 +68,3 @@ def tiny_sweep(tmp_path_factory, tiny_folder):
 def no_store_from_earlier_tests(monkeypatch):
     """mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI: no test inherits another's store."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-@pytest.fixture
-def experiment(tmp_path):
-    uri = store.tracking_uri(None, tmp_path)
-    return uri, store.ensure_experiment(uri, "unit")

@@ -16,6 +16,13 @@ from mlflow.tracking import MlflowClient
 from helpers import SPECS, free_port
 from visiontune import VisiontuneError, models, redact, store
 
+
+@pytest.fixture
+def experiment(tmp_path):
+    uri = store.tracking_uri(None, tmp_path)
+    return uri, store.ensure_experiment(uri, "unit")
+
+
 # --- location -------------------------------------------------------------------------------------
 
 
