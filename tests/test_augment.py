@@ -1,10 +1,9 @@
 """data.gpu_augment: torchvision's crop and flip parameters drawn in the workers, the crops
-rendered per batch as torchvision renders them, and a run that trains with it."""
+rendered per batch as torchvision renders them. A run that trains with it: tests/e2e/test_train.py."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +11,12 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from conftest import FAST, cli_env, compose_cfg, make_image_folder, run_cli, store_runs
-from visiontune import VisiontuneError, augment, config, data, resume
+from helpers import compose_cfg
+from visiontune import VisiontuneError, augment, config, data
 from visiontune.runtime import Runtime
 
 SIZE = 32  # the rendered side; the workers cap shorter sides at DECODED_SIDE_FACTOR x SIZE = 64
 CAP = data.DECODED_SIDE_FACTOR * SIZE
-# Python refuses to import torch in a process run with this: config checks must not need it.
-NO_TORCH = {"PYTHONPATH": str(Path(__file__).parent / "no_torch")}
 
 
 @pytest.fixture(scope="module")
@@ -209,40 +206,3 @@ def test_auto_renders_on_cuda_only():
 def test_a_bad_value_is_refused_by_name(value):
     with pytest.raises(VisiontuneError, match=f"data.gpu_augment={value} must be auto"):
         config.read(compose_cfg(f"data.gpu_augment={value}"))
-
-
-def test_a_resumed_run_keeps_its_crops():
-    """It changes the crops, so resume refuses a changed value (it is not a key that may differ)."""
-    assert resume.differing_keys({"data.gpu_augment": "auto"}, {"data.gpu_augment": True}) == [
-        "data.gpu_augment"
-    ]
-
-
-def test_a_run_trains_with_crops_rendered_on_the_device(tmp_path):
-    """End to end on a CPU (true: on any device), a data worker sending the crop batches."""
-    # Larger than the cap (2 x 64), and data.cache_mb=0: the worker decodes and shrinks them.
-    folder = make_image_folder(tmp_path / "data", {"train": 5, "val": 3}, size=(300, 200))
-    args = ["data=imagefolder", f"data.root={folder}", "mode=scratch", "device=cpu", "data.gpu_augment=true"]
-    fast = [o for o in FAST if not o.startswith(("epochs", "num_workers"))]
-    result = run_cli(
-        tmp_path, *args, *fast, "epochs=1", "num_workers=1", "data.cache_mb=0", "mlflow.log_model=false"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "training crops and flips: drawn in the data workers, rendered on cpu (data.gpu_augment=true)" in (
-        result.stderr
-    )
-    (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
-    assert run.info.status == "FINISHED" and run.data.params["data.gpu_augment"] == "True"
-    assert math.isfinite(run.data.metrics["train_loss"])
-
-
-def test_a_bad_value_on_the_command_line_is_one_line(tmp_path, tiny_folder):
-    data_args = ["data=imagefolder", f"data.root={tiny_folder}"]
-    bad = "data.gpu_augment=maybe"
-    result = run_cli(tmp_path, *data_args, "mode=scratch", *FAST, bad, env=cli_env(tmp_path) | NO_TORCH)
-    assert result.returncode == 1, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "data.gpu_augment=maybe must be auto" in errors[0], result.stderr
-    assert not (tmp_path / "outputs" / "mlflow.db").exists() or not store_runs(
-        tmp_path / "outputs" / "mlflow.db"
-    )

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import ARCHS, MODES, compose_cfg, tiny_prepared
+from helpers import ARCHS, MODES, compose_cfg, tiny_prepared
 from visiontune import VisiontuneError, config
 
 
@@ -91,3 +91,11 @@ def test_schedulers_instantiate(name):
     assert optimizer.param_groups[0]["lr"] < 1.0 or name == "step"
     if name == "cosine":
         assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # ends at final_factor 0
+
+
+def test_trainable_from_must_name_a_group():
+    from visiontune import VisiontuneError
+
+    cfg = compose_cfg("model=resnet", "mode=finetune", "mode.trainable_from=layer3")
+    with pytest.raises(VisiontuneError, match="use one of early, middle, late, head"):
+        config.read(cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, compose_cfg, make_image_folder
+from helpers import SHARED_DATA, compose_cfg, make_image_folder
 from visiontune import VisiontuneError, data
 
 

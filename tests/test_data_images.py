@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder
+from helpers import make_image_folder
 from visiontune import VisiontuneError, data
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import cpu_training, input_size_for, prepare_model, tiny_prepared
+from helpers import cpu_training, input_size_for, prepare_model, tiny_prepared
 from visiontune import engine
 from visiontune.runtime import Runtime
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ARCHS, SPECS, cpu_training, input_size_for, prepare_model
+from helpers import ARCHS, SPECS, cpu_training, input_size_for, prepare_model
 from visiontune import engine
 from visiontune.frozen import BackboneCache, FrozenBackbone
 from visiontune.runtime import Runtime

@@ -1,4 +1,4 @@
-"""Head swaps, freezing and weight loading for every architecture and mode, offline."""
+"""Head swaps, freezing, layer groups and weight loading for every architecture and mode, offline."""
 
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from conftest import ARCHS, MODES, SPECS, cpu_training, input_size_for, offline_env, prepare_model
-from visiontune import VisiontuneError, engine, models
+from helpers import (
+    ARCHS,
+    MODES,
+    SPECS,
+    compose_cfg,
+    cpu_training,
+    input_size_for,
+    offline_env,
+    prepare_model,
+)
+from visiontune import VisiontuneError, config, engine, models
 
 NUM_CLASSES = 3
 
@@ -156,3 +165,40 @@ def test_corrupt_weights_file(tmp_path):
 def test_state_dict_of_another_architecture(standin_weights):
     with pytest.raises(VisiontuneError, match="another architecture"):
         models.build_model(SPECS["resnet"], 2, file_weights("resnet18", standin_weights("alexnet")))
+
+
+@pytest.mark.parametrize("model_name", ARCHS)
+def test_layer_groups_cover_every_parameter_once_from_input_to_head(model_name):
+    prepared = prepare_model(model_name, "scratch")
+    module, spec = prepared.module, SPECS[model_name]
+    assert tuple(prepared.groups) == spec.group_names == ("early", "middle", "late", "head")
+    grouped = [id(p) for params in prepared.groups.values() for p in params]
+    assert sorted(grouped) == sorted(id(p) for p in module.parameters()), "each parameter exactly once"
+    assert all(prepared.groups.values()), "no empty group"
+    # Input to head: the groups' layers first run in group order in a forward pass.
+    group_of = {id(p): name for name, params in prepared.groups.items() for p in params}
+    order: list[str] = []
+
+    def note(layer, *_):
+        for p in layer.parameters(recurse=False):
+            if not order or order[-1] != group_of[id(p)]:
+                order.append(group_of[id(p)])
+
+    hooks = [m.register_forward_hook(note) for m in module.modules()]
+    module.eval()  # inception's auxiliary head, in `head` but fed from `middle`, stays out of the order
+    size = input_size_for(model_name)
+    with torch.no_grad():
+        module(torch.rand(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    firsts = list(dict.fromkeys(order))
+    assert firsts == list(spec.group_names), f"groups first run in the order {firsts}"
+
+
+def test_a_layer_group_naming_a_missing_module_is_refused():
+    from visiontune import VisiontuneError, models
+
+    cfg = compose_cfg("model=resnet", "model.layer_groups.late=[layer4, layer5]")
+    spec = config.model_spec(cfg.model)
+    with pytest.raises(VisiontuneError, match="resnet18 has no module 'layer5'"):
+        models.layer_groups(models.build_model(spec, 2, None), spec)

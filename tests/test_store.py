@@ -1,8 +1,10 @@
-"""The store layer against a real SQLite store: true run status, safe params, a faithful model."""
+"""The store layer against a real SQLite store: true run status, safe params, a faithful model,
+stores on network filesystems, a server lost mid-run."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import SPECS
+from helpers import SPECS, free_port
 from visiontune import VisiontuneError, models, redact, store
 
 
@@ -48,24 +50,6 @@ def test_a_password_in_the_uri_moves_where_mlflow_reads_credentials(monkeypatch,
         "alice",
         "s@cret",
     )
-
-
-def test_processes_opening_a_new_store_at_once_leave_it_whole(tmp_path):
-    """MLflow migrates a new SQLite file on open; unguarded, concurrent openers break it."""
-    import subprocess
-    import sys
-
-    uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
-    code = "import sys; from visiontune import store; store.ensure_experiment(sys.argv[1], 'shared')"
-    openers = [
-        subprocess.Popen([sys.executable, "-c", code, uri], stderr=subprocess.PIPE, text=True)
-        for _ in range(3)
-    ]
-    errors = [p.communicate(timeout=120)[1] for p in openers]
-    assert [p.returncode for p in openers] == [0, 0, 0], errors
-    client = MlflowClient(uri)
-    (experiment,) = [e for e in client.search_experiments() if e.name == "shared"]
-    client.create_run(experiment.experiment_id)  # the store takes writes
 
 
 # --- writes ---------------------------------------------------------------------------------------
@@ -191,26 +175,6 @@ def test_ctrl_c_during_a_store_write_waits_for_the_write():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-# --- parents: the process writing a run -----------------------------------------------------------
-
-
-def test_a_runs_process_is_told_alive_dead_or_unknown():
-    """visiontune-runs and resume= tell a ghost run from one in progress by its host:pid tag."""
-    import socket
-    import subprocess
-    import sys
-
-    host = socket.gethostname()
-    assert store.process_state(None) == store.process_state(f"elsewhere:{os.getpid()}") == "unknown"
-    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
-    with subprocess.Popen([*sleep, "visiontune"]) as ours, subprocess.Popen(sleep) as other:
-        assert store.process_state(f"{host}:{ours.pid}") == "alive"
-        assert store.process_state(f"{host}:{other.pid}") == "dead", "a reused pid: another program"
-        ours.kill()
-        other.kill()
-    assert store.process_state(f"{host}:{ours.pid}") == "dead"
-
-
 # --- tags -----------------------------------------------------------------------------------------
 
 
@@ -236,3 +200,59 @@ def test_every_tag_key_has_one_name():
 def test_credentials_are_redacted_wherever_text_is_shown(text, shown):
     assert redact(text) == shown
     assert redact(shown) == shown
+
+
+# --- SQLite on a network filesystem ------------------------------------------------------------
+
+MOUNTS = """\
+/dev/sda1 / ext4 rw,relatime 0 0
+proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0
+/dev/sdb1 /home/alice/scratch ext4 rw,relatime 0 0
+fileserver:/export/home /home nfs4 rw,relatime,vers=4.2 0 0
+//nas/team /mnt/team\\040share cifs rw,relatime 0 0
+head:/lustre /lustre lustre rw 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "found"),
+    [
+        ("/home/alice/project/outputs/mlflow.db", ("/home", "nfs4")),
+        ("/home/alice/scratch/outputs/mlflow.db", None),  # a local disk mounted inside the NFS home
+        ("/mnt/team share/mlflow.db", ("/mnt/team share", "cifs")),
+        ("/lustre/proj/mlflow.db", ("/lustre", "lustre")),
+        ("/lustreish/mlflow.db", None),  # a name that starts like a mount point is not inside it
+        ("/tmp/mlflow.db", None),
+    ],
+)
+def test_a_store_on_a_network_filesystem_is_found_by_its_mount(path, found):
+    assert store.network_mount(Path(path), MOUNTS) == found
+
+
+def test_a_sqlite_store_on_nfs_is_warned_about_once_with_the_fix(tmp_path, caplog):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/x {tmp_path / 'shared'} nfs rw 0 0\n")
+    uri = f"sqlite:///{tmp_path / 'shared' / 'outputs' / 'mlflow.db'}"
+    with caplog.at_level(logging.WARNING, logger="visiontune.store"):
+        store.warn_if_network_store(uri, mounts)
+        store.warn_if_network_store(uri, mounts)
+        store.warn_if_network_store(f"sqlite:///{tmp_path / 'local.db'}", mounts)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "is on a network filesystem (nfs at" in warning
+    assert "mlflow.tracking_uri=http://" in warning, "the warning says what to do instead"
+
+
+def test_a_server_lost_during_a_run_is_named_with_the_socket_error(monkeypatch):
+    """Once a run is going, MLflow's own retries apply (none here); the failure names the server."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # restored for the next tests
+    down = f"http://127.0.0.1:{free_port()}"
+    mlflow.set_tracking_uri(down)
+    with pytest.raises(store.StoreError) as failed:
+        store.end_run("0" * 32, "FAILED", "stopped")
+    message = str(failed.value)
+    assert f"cannot end the run in the MLflow server {down}: Connection refused." in message, message
+    assert "HTTPConnectionPool" not in message

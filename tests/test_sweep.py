@@ -1,100 +1,16 @@
-"""Multiruns as one MLflow experiment: a parent run, its children, the summary on the parent."""
+"""sweep.py in this process: swept keys, the summary callback on a real store, launcher presets and
+the notes and refusals a sweep gives before any job starts. Sweeps run end to end:
+tests/e2e/test_sweep.py and tests/e2e/test_scaling.py."""
 
 from __future__ import annotations
 
-import csv
-import io
+import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_module
 
-from conftest import FAST, interrupt_once_training, run_cli, store_runs
 from visiontune.sweep import swept_keys
-
-
-def sweep(cwd, tiny_folder, *extra, workers=0):
-    fast = [o for o in FAST if not o.startswith("num_workers=")]
-    return run_cli(
-        cwd, "-m", f"data.root={tiny_folder}", "data=imagefolder", *fast, f"num_workers={workers}", *extra
-    )
-
-
-def optuna_search(cwd, tiny_folder, *extra):
-    """A 2-trial search=optuna on the tiny folder; batch_size is left to the search."""
-    fast = [o for o in FAST if not o.startswith("batch_size=")]
-    data = [f"data.root={tiny_folder}", "data=imagefolder"]
-    return run_cli(cwd, "-m", "search=optuna", "hydra.sweeper.n_trials=2", *data, *fast, *extra)
-
-
-def parent_and_children(cwd):
-    runs = store_runs(cwd / "outputs" / "mlflow.db")
-    (parent,) = [r for r in runs if r.data.tags.get("visiontune.sweep") == "parent"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == 1 + len(children), "every job is a child of the sweep's parent"
-    return parent, children
-
-
-def summary(cwd, parent):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")
-    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"leaderboard.csv", "leaderboard.md", "val_acc_overlay.png"} <= names
-    text = client.download_artifacts(parent.info.run_id, "leaderboard.csv")
-    with open(text) as f:
-        return list(csv.DictReader(io.StringIO(f.read())))
-
-
-# The basic launcher's sweep is also what every test on the shared `tiny_sweep` reads: slow here.
-@pytest.mark.parametrize("launcher", [pytest.param("basic", marks=pytest.mark.slow), "joblib"])
-def test_multirun_is_one_parent_with_its_jobs_as_children(tmp_path, tiny_folder, launcher):
-    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-    # joblib's worker processes start DataLoader workers of their own (num_workers=1).
-    workers = 1 if launcher == "joblib" else 0
-    result = sweep(tmp_path, tiny_folder, "model=squeezenet,resnet", "mode=scratch", *extra, workers=workers)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    parent, children = parent_and_children(tmp_path)
-    assert parent.info.status == "FINISHED"
-    assert parent.data.tags["sweep.varied"] == "model"
-    assert sorted(c.info.run_name for c in children) == ["resnet-scratch", "squeezenet-scratch"]
-    assert all(c.info.status == "FINISHED" for c in children)
-    assert {c.data.tags["model"] for c in children} == {"squeezenet", "resnet"}
-    epoch_lines = [line for line in result.stderr.splitlines() if "epoch 1/1" in line]
-    assert sorted(line[:3] for line in epoch_lines) == ["#0 ", "#1 "], "each job's lines say which job"
-
-    rows = summary(tmp_path, parent)
-    assert [r["run"] for r in rows] == [
-        c.info.run_name
-        for c in sorted(children, key=lambda c: (-c.data.metrics["best_val_acc"], c.info.run_name))
-    ]
-    assert {r["run_id"]: float(r["best_val_acc"]) for r in rows} == {
-        c.info.run_id: c.data.metrics["best_val_acc"] for c in children
-    }
-    assert parent.data.tags["best_child_run_id"] == rows[0]["run_id"]
-    assert "| squeezenet-scratch |" in result.stdout  # the leaderboard is printed too
-
-
-def test_failed_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path, tiny_folder):
-    result = sweep(
-        tmp_path,
-        tiny_folder,
-        "model=squeezenet",
-        "mode=scratch,feature_extract",
-        "model.weights=/missing.pth",
-    )
-    assert result.returncode != 0, "the command reports that a job failed"
-    assert "1 of 2 jobs failed: squeezenet-feature_extract" in result.stderr
-    assert "Traceback" not in result.stderr
-
-    parent, children = parent_and_children(tmp_path)
-    assert parent.info.status == "FINISHED"
-    status = {c.info.run_name: c.info.status for c in children}
-    assert status == {"squeezenet-scratch": "FINISHED", "squeezenet-feature_extract": "FAILED"}
-    rows = {r["run"]: r for r in summary(tmp_path, parent)}
-    assert rows["squeezenet-feature_extract"]["status"] == "FAILED"
-    assert "no such file" in rows["squeezenet-feature_extract"]["error"]
-    assert parent.data.tags["best_child"] == "squeezenet-scratch"
 
 
 def test_swept_keys_are_the_ones_with_several_values():
@@ -103,99 +19,6 @@ def test_swept_keys_are_the_ones_with_several_values():
     search = {"optimizer.lr": "tag(log, interval(1e-5, 1e-1))", "batch_size": "choice(4, 8)", "seed": "1"}
     assert swept_keys(["model=resnet,vgg"], search) == ["optimizer.lr", "batch_size", "model"]
     assert swept_keys(["batch_size=16"], search) == ["optimizer.lr"], "a fixed value on the command line wins"
-
-
-def test_optuna_search_maximises_best_val_acc_with_each_trial_a_child(tmp_path, tiny_folder):
-    result = optuna_search(tmp_path, tiny_folder, "model=squeezenet", "mode=scratch")
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    parent, children = parent_and_children(tmp_path)
-    assert parent.info.status == "FINISHED" and parent.data.tags["sweep.varied"] == "optimizer.lr,batch_size"
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    assert sorted(c.info.run_name for c in children) == ["squeezenet-scratch #0", "squeezenet-scratch #1"]
-    for child in children:  # each trial's sampled values, from the search space in conf/search
-        assert 1e-5 <= float(child.data.params["optimizer.lr"]) <= 1e-1
-        assert child.data.tags["batch_size"] in {"4", "8", "16", "32"}
-        assert child.data.params["batch_size"] == child.data.tags["batch_size"]
-
-    rows = summary(tmp_path, parent)
-    assert list(rows[0])[4:6] == ["lr", "batch_size"], "the leaderboard shows the searched keys"
-    assert {r["run_id"]: r["batch_size"] for r in rows} == {
-        c.info.run_id: c.data.params["batch_size"] for c in children
-    }
-    (results,) = (tmp_path / "outputs" / "multirun").glob("*/*/optimization_results.yaml")
-    best = max(c.data.metrics["best_val_acc"] for c in children)
-    assert f"best_value: {best}" in results.read_text(), "Optuna received each trial's best val acc"
-
-
-@pytest.mark.slow  # an edge case of an optional plugin (25 s); -m slow runs it
-def test_optuna_search_where_every_trial_fails_ends_its_parent_failed(tmp_path, tiny_folder):
-    result = optuna_search(tmp_path, tiny_folder, "mode=feature_extract", "model.weights=/missing.pth")
-    assert result.returncode == 1
-    assert "no such file" in result.stderr  # each job's own error
-
-    parent, children = parent_and_children(tmp_path)
-    assert [c.info.status for c in children] == ["FAILED", "FAILED"]
-    assert parent.info.status == "FAILED", "Optuna stopped the sweep (no trial completed); not a Ctrl-C"
-    assert "stopped before its end" in parent.data.tags["error"]
-
-
-@pytest.mark.parametrize(
-    ("setting", "message"),
-    [
-        ("hydra.sweeper.direction=minimize", "hydra.sweeper.direction=minimize would search for the lowest"),
-        (
-            "hydra.sweeper.storage=sqlite:///optuna.db",
-            "hydra.sweeper.storage=sqlite:///optuna.db: the Optuna 2.x",
-        ),
-    ],
-)
-def test_optuna_settings_that_cannot_work_stop_before_any_job(tmp_path, tiny_folder, setting, message):
-    result = sweep(tmp_path, tiny_folder, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", setting)
-    assert result.returncode == 1
-    assert f"error: {message}" in result.stderr
-    assert "Traceback" not in result.stderr and "Launching" not in result.stdout + result.stderr
-    assert not (tmp_path / "outputs" / "mlflow.db").exists(), "nothing is stored for a sweep that cannot run"
-
-
-def test_ctrl_c_ends_the_sweep_killed_with_no_run_left_running(tmp_path, tiny_folder):
-    fast = [o for o in FAST if not o.startswith("epochs=")]
-    args = [
-        "-m",
-        f"data.root={tiny_folder}",
-        "data=imagefolder",
-        "mode=scratch",
-        *fast,
-        "epochs=500",
-        "seed=1,2",
-    ]
-    returncode, stderr = interrupt_once_training(tmp_path, *args)
-    assert returncode == 130, stderr[-3000:]
-    store = tmp_path / "outputs" / "mlflow.db"
-    statuses = {r.info.run_name: r.info.status for r in store_runs(store)}
-    assert "RUNNING" not in statuses.values(), statuses
-    parent, children = parent_and_children(tmp_path)
-    assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["KILLED"]
-
-
-def test_sweep_on_an_unusable_store_stops_before_any_job(tmp_path, tiny_folder):
-    result = sweep(
-        tmp_path, tiny_folder, "model=squeezenet", "mode=scratch", "seed=1,2", "mlflow.tracking_uri=foo://bar"
-    )
-    assert result.returncode == 1
-    assert "error: cannot use the MLflow store mlflow.tracking_uri=foo://bar" in result.stderr
-    assert "Launching" not in result.stdout + result.stderr, "no job may run without its parent"
-    assert "Traceback" not in result.stderr
-
-
-def test_an_artifact_folder_that_cannot_be_written_stops_the_sweep_before_any_job(tmp_path, tiny_folder):
-    (tmp_path / "outputs").mkdir()
-    (tmp_path / "outputs" / "mlartifacts").write_text("a file where the artifact folder belongs")
-    result = sweep(tmp_path, tiny_folder, "model=squeezenet", "mode=scratch")
-    assert result.returncode == 1
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "cannot write artifacts to" in errors[0], errors
-    assert store_runs(tmp_path / "outputs" / "mlflow.db") == [], "no job ran, no run was recorded"
 
 
 def test_a_summary_that_cannot_be_written_fails_the_parent_with_one_message(tmp_path, capsys):
@@ -221,98 +44,65 @@ def test_a_summary_that_cannot_be_written_fails_the_parent_with_one_message(tmp_
     assert ended.info.status == "FAILED" and "summary could not be written" in ended.data.tags["error"]
 
 
-def _loky_workers(pid: int) -> list[int]:
-    """Process ids of the joblib (loky) workers that process `pid` started."""
-    workers = []
-    for child in Path(f"/proc/{pid}/task").glob("*/children"):
-        for cpid in child.read_text().split():
-            cmdline = Path(f"/proc/{cpid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"loky" in cmdline and b"resource_tracker" not in cmdline:
-                workers.append(int(cpid))
-    return workers
+# --- SLURM sweeps, tried with submitit_local -----------------------------------------------------
 
 
-def test_a_killed_joblib_worker_stops_the_sweep_in_one_line_with_nothing_left_running(tmp_path, tiny_folder):
-    import os
-    import signal
-
-    from conftest import after_first_epoch
-
-    fast = [o for o in FAST if not o.startswith("epochs=")]
-    args = ["-m", "seed=1,2,3,4", f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *fast]
-    args += ["epochs=300", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "mlflow.log_model=false"]
-    with after_first_epoch(tmp_path, *args, poll=0.3) as running:
-        os.kill(_loky_workers(running.process.pid)[0], signal.SIGKILL)
-    stderr = running.stderr
-    assert running.process.returncode == 1
-    assert "Traceback" not in stderr, stderr[-3000:]
-    errors = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "worker process of the joblib launcher died" in errors[0], stderr[-3000:]
-    parent, children = parent_and_children(tmp_path)
-    assert parent.info.status == "FAILED" and parent.info.run_id in errors[0]
-    assert children and all(c.info.status == "FAILED" for c in children), "nothing left RUNNING"
+@pytest.mark.parametrize(("preset", "target"), [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_launcher_presets_extend_the_plugins_with_gpus_asked_for_and_a_longer_time(preset, target):
+    with initialize_config_module(config_module="visiontune.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={preset}"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith(f"submitit_launcher.{target}")
+    assert launcher.gpus_per_node == 1, "submitit_local would hide the GPUs; SLURM would give none"
+    assert launcher.timeout_min == 720, "submitit's 60-minute default stops most training jobs"
 
 
-def _finished_runs(store) -> int:
-    """How many runs the store holds as FINISHED, read without MLflow (nothing is migrated)."""
-    import contextlib
-    import sqlite3
+def test_a_missing_submitit_plugin_is_one_line_naming_the_extra(monkeypatch, capsys):
+    import importlib.util
 
-    if not store.exists():
-        return 0
-    try:
-        with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as db:
-            return db.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+    from visiontune import train
 
-
-def test_a_killed_sweep_resumed_with_resume_last_trains_only_what_is_left(tmp_path, tiny_folder):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import cli_env
-
-    fast = [o for o in FAST if not o.startswith("epochs=")]
-    args = [
-        "-m",
-        "seed=1,2,3,4",
-        f"data.root={tiny_folder}",
-        "data=imagefolder",
-        "mode=scratch",
-        *fast,
-        "epochs=3",
-    ]
-    store = tmp_path / "outputs" / "mlflow.db"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "visiontune.train", *args, "mlflow.log_model=false"],
-        **{
-            "cwd": tmp_path,
-            "env": cli_env(tmp_path),
-            "stdout": subprocess.DEVNULL,
-            "stderr": subprocess.DEVNULL,
-        },
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if "submitit" in name else real(name))
+    monkeypatch.setattr(sys, "argv", ["visiontune-train", "-m", "hydra/launcher=slurm", "seed=1,2"])
+    with pytest.raises(SystemExit) as stopped:
+        train.cli()
+    assert stopped.value.code == (
+        'error: hydra/launcher=slurm needs a Hydra plugin that is not installed: pip install "visiontune[slurm]"'
     )
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and _finished_runs(store) < 2:
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        process.kill()
-    parent, children = parent_and_children(tmp_path)
-    done_before = {c.info.run_id: c.info.end_time for c in children if c.info.status == "FINISHED"}
-    assert len(done_before) == 2 and parent.info.status == "RUNNING", "killed half-way"
 
-    result = run_cli(tmp_path, *args, "mlflow.log_model=false", "resume=last")
-    assert result.returncode == 0, result.stderr[-3000:]
-    resumed_parent, children = parent_and_children(tmp_path)
-    assert resumed_parent.info.run_id == parent.info.run_id and resumed_parent.info.status == "FINISHED"
-    assert sorted(c.data.params["seed"] for c in children) == ["1", "2", "3", "4"], "one child per job"
-    assert all(c.info.status == "FINISHED" for c in children)
-    assert {c.info.run_id: c.info.end_time for c in children if c.info.run_id in done_before} == done_before
-    assert result.stderr.count("not trained again") == 2
-    assert len(summary(tmp_path, resumed_parent)) == 4, "the leaderboard covers every job"
+
+@pytest.mark.parametrize(
+    ("launcher", "gpus_per_node", "warned"),
+    [("submitit_local", None, True), ("local", 1, False), ("slurm", 1, False), ("joblib", None, False)],
+)
+def test_a_local_sweep_on_a_gpu_machine_says_when_its_jobs_would_get_no_gpu(
+    monkeypatch, tmp_path, launcher, gpus_per_node, warned
+):
+    from visiontune import sweep
+
+    monkeypatch.setattr(sweep, "_has_nvidia_gpus", lambda: True)
+    with initialize_config_module(config_module="visiontune.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    sweep_dir = tmp_path / cfg.hydra.sweep.dir
+    notes = sweep.launcher_notes(cfg.hydra.launcher, tmp_path, sweep_dir)
+    assert cfg.hydra.launcher.get("gpus_per_node") == gpus_per_node
+    assert any("hides this machine's GPUs" in note for note in notes) == warned
+    if launcher != "joblib":  # submitit's jobs write their consoles to files: the sweep says where
+        assert f"{sweep_dir}/.submitit/<job id>/<job id>_0_log.err" in notes[0], notes[0]
+        assert f"its log to {sweep_dir}/<job number>/train.log" in notes[0], notes[0]
+
+
+def test_a_slurm_sweep_where_there_is_no_slurm_stops_before_anything_is_recorded(tmp_path, monkeypatch):
+    import shutil
+
+    from visiontune import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(sys, "argv", ["visiontune-train", "-m", "hydra/launcher=slurm", "seed=1,2"])
+    with pytest.raises(SystemExit) as stopped:
+        train.cli()
+    assert "hydra/launcher=slurm submits each job with SLURM's sbatch" in str(stopped.value.code)
+    assert "hydra/launcher=local" in str(stopped.value.code), "says how to try it here"
+    assert not (tmp_path / "outputs").exists()

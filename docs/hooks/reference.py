@@ -6,7 +6,7 @@
   its meaning from docs/config_keys.yaml, the one place those meanings are written.
 - reference/commands.md: each console script's own `--help`, run in a subprocess.
 
-tests/test_docs.py imports this file: a key without a meaning fails there, naming the key.
+tests/helpers.py imports this file for tests/test_docs.py: a key without a meaning fails there, naming it.
 `python docs/hooks/reference.py` prints both pages.
 """
 

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, background_server, free_port
+from helpers import REPO, background_server, free_port
 from visiontune.commands import TRAINING_VIEW
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -7,7 +7,6 @@ submitit_slurm, with local processes. The server is a real `mlflow server` on 12
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import signal
@@ -19,10 +18,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from hydra import compose, initialize_config_module
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST, background_server, cli_env, free_port, has_metric, run_cli, store_runs
+from helpers import FAST, background_server, cli_env, free_port, has_metric, run_cli, store_runs
 from visiontune import store
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "lr")
@@ -46,67 +44,6 @@ def sweep_runs(tracking: str | Path):
 
 
 # --- SLURM sweeps, tried with submitit_local -----------------------------------------------------
-
-
-@pytest.mark.parametrize(("preset", "target"), [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
-def test_launcher_presets_extend_the_plugins_with_gpus_asked_for_and_a_longer_time(preset, target):
-    with initialize_config_module(config_module="visiontune.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"hydra/launcher={preset}"], return_hydra_config=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith(f"submitit_launcher.{target}")
-    assert launcher.gpus_per_node == 1, "submitit_local would hide the GPUs; SLURM would give none"
-    assert launcher.timeout_min == 720, "submitit's 60-minute default stops most training jobs"
-
-
-def test_a_missing_submitit_plugin_is_one_line_naming_the_extra(monkeypatch, capsys):
-    import importlib.util
-
-    from visiontune import train
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if "submitit" in name else real(name))
-    monkeypatch.setattr(sys, "argv", ["visiontune-train", "-m", "hydra/launcher=slurm", "seed=1,2"])
-    with pytest.raises(SystemExit) as stopped:
-        train.cli()
-    assert stopped.value.code == (
-        'error: hydra/launcher=slurm needs a Hydra plugin that is not installed: pip install "visiontune[slurm]"'
-    )
-
-
-@pytest.mark.parametrize(
-    ("launcher", "gpus_per_node", "warned"),
-    [("submitit_local", None, True), ("local", 1, False), ("slurm", 1, False), ("joblib", None, False)],
-)
-def test_a_local_sweep_on_a_gpu_machine_says_when_its_jobs_would_get_no_gpu(
-    monkeypatch, tmp_path, launcher, gpus_per_node, warned
-):
-    from visiontune import sweep
-
-    monkeypatch.setattr(sweep, "_has_nvidia_gpus", lambda: True)
-    with initialize_config_module(config_module="visiontune.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
-    sweep_dir = tmp_path / cfg.hydra.sweep.dir
-    notes = sweep.launcher_notes(cfg.hydra.launcher, tmp_path, sweep_dir)
-    assert cfg.hydra.launcher.get("gpus_per_node") == gpus_per_node
-    assert any("hides this machine's GPUs" in note for note in notes) == warned
-    if launcher != "joblib":  # submitit's jobs write their consoles to files: the sweep says where
-        assert f"{sweep_dir}/.submitit/<job id>/<job id>_0_log.err" in notes[0], notes[0]
-        assert f"its log to {sweep_dir}/<job number>/train.log" in notes[0], notes[0]
-
-
-def test_a_slurm_sweep_where_there_is_no_slurm_stops_before_anything_is_recorded(tmp_path, monkeypatch):
-    import shutil
-
-    from visiontune import train
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr(sys, "argv", ["visiontune-train", "-m", "hydra/launcher=slurm", "seed=1,2"])
-    with pytest.raises(SystemExit) as stopped:
-        train.cli()
-    assert "hydra/launcher=slurm submits each job with SLURM's sbatch" in str(stopped.value.code)
-    assert "hydra/launcher=local" in str(stopped.value.code), "says how to try it here"
-    assert not (tmp_path / "outputs").exists()
 
 
 def test_a_submitit_local_sweep_is_one_parent_with_finished_children(tmp_path, tiny_folder):
@@ -234,30 +171,12 @@ def test_a_killed_submitit_job_stops_the_wait_in_one_line_and_leaves_running_job
     )
 
 
-def test_a_requeued_sweep_job_counts_as_started_before(tmp_path, monkeypatch):
-    """SLURM counts a requeued job's restarts; submitit_local's restart shows as the job's checkpoint."""
-    from visiontune.config import Job
-    from visiontune.resume import started_before
-
-    job = Job(tmp_path, tmp_path / "0", tmp_path / "0" / "train.log", {}, [], 0, tmp_path, started=0.0)
-    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
-    assert not started_before(job)
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
-    assert not started_before(job)
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
-    assert started_before(job)
-    monkeypatch.delenv("SLURM_RESTART_COUNT")
-    (tmp_path / "0" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "0" / "checkpoints" / "last.pt").write_bytes(b"")
-    assert started_before(job)
-
-
 def test_a_sweep_job_still_training_under_submitit_is_not_continued_twice(tmp_path):
     """resume=last while a job of the stopped sweep still trains (its siblings were killed): the
     new job refuses, where continuing the same run from two processes would log epochs twice."""
     from mlflow.tracking import MlflowClient
 
-    from conftest import compose_cfg
+    from helpers import compose_cfg
     from visiontune import VisiontuneError, resume, sweep
     from visiontune.config import Job
 
@@ -370,59 +289,3 @@ def test_a_server_that_does_not_answer_is_one_line_at_once(tmp_path, tiny_folder
             len(errors) == 1 and f"cannot reach the MLflow server {down} (Connection refused)" in errors[0]
         ), result.stderr
     assert "Launching" not in swept.stdout + swept.stderr, "no job runs without its store"
-
-
-# --- SQLite on a network filesystem ------------------------------------------------------------
-
-MOUNTS = """\
-/dev/sda1 / ext4 rw,relatime 0 0
-proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0
-/dev/sdb1 /home/alice/scratch ext4 rw,relatime 0 0
-fileserver:/export/home /home nfs4 rw,relatime,vers=4.2 0 0
-//nas/team /mnt/team\\040share cifs rw,relatime 0 0
-head:/lustre /lustre lustre rw 0 0
-"""
-
-
-@pytest.mark.parametrize(
-    ("path", "found"),
-    [
-        ("/home/alice/project/outputs/mlflow.db", ("/home", "nfs4")),
-        ("/home/alice/scratch/outputs/mlflow.db", None),  # a local disk mounted inside the NFS home
-        ("/mnt/team share/mlflow.db", ("/mnt/team share", "cifs")),
-        ("/lustre/proj/mlflow.db", ("/lustre", "lustre")),
-        ("/lustreish/mlflow.db", None),  # a name that starts like a mount point is not inside it
-        ("/tmp/mlflow.db", None),
-    ],
-)
-def test_a_store_on_a_network_filesystem_is_found_by_its_mount(path, found):
-    assert store.network_mount(Path(path), MOUNTS) == found
-
-
-def test_a_sqlite_store_on_nfs_is_warned_about_once_with_the_fix(tmp_path, caplog):
-    mounts = tmp_path / "mounts"
-    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\nserver:/x {tmp_path / 'shared'} nfs rw 0 0\n")
-    uri = f"sqlite:///{tmp_path / 'shared' / 'outputs' / 'mlflow.db'}"
-    with caplog.at_level(logging.WARNING, logger="visiontune.store"):
-        store.warn_if_network_store(uri, mounts)
-        store.warn_if_network_store(uri, mounts)
-        store.warn_if_network_store(f"sqlite:///{tmp_path / 'local.db'}", mounts)
-    (warning,) = [r.getMessage() for r in caplog.records]
-    assert "is on a network filesystem (nfs at" in warning
-    assert "mlflow.tracking_uri=http://" in warning, "the warning says what to do instead"
-
-
-def test_a_server_lost_during_a_run_is_named_with_the_socket_error(monkeypatch):
-    """Once a run is going, MLflow's own retries apply (none here); the failure names the server."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # restored for the next tests
-    down = f"http://127.0.0.1:{free_port()}"
-    mlflow.set_tracking_uri(down)
-    with pytest.raises(store.StoreError) as failed:
-        store.end_run("0" * 32, "FAILED", "stopped")
-    message = str(failed.value)
-    assert f"cannot end the run in the MLflow server {down}: Connection refused." in message, message
-    assert "HTTPConnectionPool" not in message

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import background_server, cli_env, free_port, run_cli
+from helpers import background_server, cli_env, free_port, predict_here, run_cli
 
 CHAMPION = "models:/ants@champion"
 
@@ -52,16 +52,6 @@ def test_predict_on_the_val_split_reproduces_the_runs_accuracy(tiny_sweep, tiny_
     assert all(float(r["probability"]) >= float(r["probability_2"]) for r in rows)
     accuracy = sum(r["class"] == truth[r["path"]] for r in rows) / len(rows)
     assert accuracy == pytest.approx(run.data.metrics["best_val_acc"], abs=1e-9)
-
-
-def predict_here(cwd: Path, *args: str, monkeypatch, capsys) -> tuple[int, str, str]:
-    """visiontune-predict's main() in this process (no second interpreter start): code, out, err."""
-    from visiontune.commands import predict
-
-    monkeypatch.chdir(cwd)
-    code = predict.main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_an_unreadable_image_is_a_marked_row_not_a_failure(
@@ -137,12 +127,6 @@ def test_bad_options_are_one_line(tiny_sweep, tiny_folder, case, monkeypatch, ca
     except SystemExit as exit:  # argparse's own refusals
         code, err = exit.code, capsys.readouterr().err
     assert code in (1, 2) and message in err and "Traceback" not in err, err
-
-
-def test_a_folder_that_holds_no_model_is_named(tiny_folder, tmp_path, monkeypatch, capsys):
-    args = (str(tiny_folder), str(tiny_folder / "val"))
-    code, _, err = predict_here(tmp_path, *args, monkeypatch=monkeypatch, capsys=capsys)
-    assert code == 1 and "is a folder but not an MLflow model" in err
 
 
 def test_the_pyfunc_takes_paths_bytes_and_base64_alike(tiny_sweep, champion, monkeypatch):

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from conftest import after_first_epoch, make_image_folder, run_cli, store_runs
+from helpers import after_first_epoch, make_image_folder, run_cli, store_runs
 
 
 @pytest.fixture(scope="module")

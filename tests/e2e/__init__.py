@@ -1,0 +1,1 @@
+"""End-to-end tests: each starts visiontune (or a server, torchrun, a browser) as a process."""
