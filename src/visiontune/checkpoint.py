@@ -42,7 +42,9 @@ class Saved:
 def save(folder: Path, training: engine.Training, progress: engine.Progress, extra: Mapping) -> None:
     """last.pt for this epoch (and best.pt when it improved); `extra` holds run id, config, metrics."""
     folder.mkdir(parents=True, exist_ok=True)
-    if progress.best_epoch == progress.epoch:
+    # A resumed attempt writes a folder of its own: its first checkpoint carries the best weights
+    # over, even when the best epoch came before the interruption.
+    if progress.best_epoch == progress.epoch or not (folder / BEST).is_file():
         _write(folder / BEST, progress.best_state)
     state = {
         "model": training.model.module.state_dict(),

@@ -70,6 +70,17 @@ class NullRecorder:
     def epoch_ended(self, r: engine.EpochReport, progress: engine.Progress) -> None:
         pass
 
+    def _moved_to(self, folder) -> None:
+        """After a checkpoint is written: the run's tag points at its folder, and an earlier
+        attempt's checkpoint (now behind this one) is removed: seven interruptions leave one."""
+        if self.tagged == folder:
+            return
+        store.set_tags({tags.CHECKPOINT: str(folder)})
+        self.tagged = folder
+        earlier = self.continued.folder
+        if earlier is not None and earlier.resolve() != folder.resolve():
+            checkpoint.remove(earlier)
+
     def finished(self, result: engine.FitResult, setup: SetUp, skipped: int) -> None:
         pass
 
@@ -91,12 +102,18 @@ class RunRecorder:
         self.flat_config: dict = {}
         self.startup: StartupClock | None = None
         self.training: engine.Training | None = None  # what each checkpoint saves
+        self.tagged: Path | None = None  # the folder the run's checkpoint tag names, once written here
 
     @contextlib.contextmanager
     def tracking(self, cfg: DictConfig) -> Iterator[None]:
         """The MLflow run, open while the steps inside run; it ends FAILED or KILLED if they fail."""
-        with store.tracked_run(self.where.uri, self._run_start(cfg)) as active:
-            self.run_id = active.info.run_id
+        with contextlib.ExitStack() as held:
+            if self.run_id is not None:  # taken before the run reopens: a live one is left untouched
+                held.enter_context(store.holding(self.where.uri, self.run_id))
+            active = held.enter_context(store.tracked_run(self.where.uri, self._run_start(cfg)))
+            if self.run_id is None:
+                self.run_id = active.info.run_id
+                held.enter_context(store.holding(self.where.uri, self.run_id))
             try:
                 yield
             except KeyboardInterrupt:
@@ -128,9 +145,10 @@ class RunRecorder:
             digests = store.log_datasets(checked.root, checked.classes, checked.samples)
             store.log_params(run_params(cfg, settings, setup, device) | digests)
             store.log_params(provenance(self.job.launch_dir, setup.prepared.weights))
-        marks = {tags.PROCESS: store.this_process()}  # tells a dead process's run from a live one
+        # The process tells a dead process's run from a live one. The checkpoint folder is tagged
+        # once a checkpoint is in it: until then a continued run keeps pointing at its earlier one.
+        marks = {tags.PROCESS: store.this_process(), tags.OUTPUT_DIR: str(self.job.output_dir)}
         if settings.checkpoint.every_epochs:
-            marks[tags.CHECKPOINT] = str(self.job.checkpoints)
             marks[tags.CONFIG_DIGEST] = resume.digest(self.flat_config)
         store.set_tags(marks)
         self.startup = StartupClock(setup.loaders["train"], self.job.started)
@@ -171,11 +189,24 @@ class RunRecorder:
             return
         extra = {"run_id": self.run_id, "config": self.flat_config, "metrics": self.metrics}
         checkpoint.save(self.job.checkpoints, self.training, progress, extra)
+        self._moved_to(self.job.checkpoints)
         if self.settings.checkpoint.log_to_mlflow and epoch == epochs:
             store.log_files(self.job.checkpoints, "checkpoint", text=False)
 
+    def _moved_to(self, folder) -> None:
+        """After a checkpoint is written: the run's tag points at its folder, and an earlier
+        attempt's checkpoint (now behind this one) is removed: seven interruptions leave one."""
+        if self.tagged == folder:
+            return
+        store.set_tags({tags.CHECKPOINT: str(folder)})
+        self.tagged = folder
+        earlier = self.continued.folder
+        if earlier is not None and earlier.resolve() != folder.resolve():
+            checkpoint.remove(earlier)
+
     def finished(self, result: engine.FitResult, setup: SetUp, skipped: int) -> None:
         """What the run keeps of its fit: skipped images, best accuracy and epoch, the curve, the model."""
+        store.delete_tag(tags.RESUME_COMMAND)  # a run that ends has nothing left to continue
         store.log_metrics({"skipped_images": skipped})
         store.log_metrics({"best_val_acc": result.best_acc, "best_epoch": result.best_epoch})
         curves = {f"{setup.prepared.spec.name}-{self.settings.mode.name}": result.val_curve}
@@ -197,7 +228,8 @@ class RunRecorder:
         log.info("MLflow run %s FINISHED%s", self.run_id, model)
 
     def _say_how_to_resume(self) -> None:
-        if (self.job.checkpoints / checkpoint.LAST).is_file():
+        folders = (self.job.checkpoints, self.continued.folder)  # this attempt's, or the one it continues
+        if any(folder is not None and (folder / checkpoint.LAST).is_file() for folder in folders):
             launch = distributed.Launch.from_env()
             start = (
                 f"torchrun --standalone --nproc_per_node={launch.world_size} -m visiontune.train"

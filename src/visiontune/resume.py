@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,7 @@ def after_restart(job: Job, client, experiment_id: str) -> Continued:
     """torchrun --max-restarts restarted the workers: continue the run this launch started, from
     the last checkpoint in its output folder (shared by every attempt: the folder is named by
     TORCHELASTIC_RUN_ID). A run killed before its first checkpoint starts over in the same run."""
-    query = f"tags.`{tags.CHECKPOINT}` = '{job.checkpoints}'"
+    query = f"tags.`{tags.OUTPUT_DIR}` = '{job.output_dir}'"
     runs = client.search_runs([experiment_id], query, max_results=1)
     if not runs:  # killed before its run was recorded (or checkpoint.every_epochs=0)
         return Continued()
@@ -108,8 +109,17 @@ def after_restart(job: Job, client, experiment_id: str) -> Continued:
 
 def find(value: str, client, experiment_id: str, cfg: DictConfig) -> checkpoint.Saved:
     """The checkpoint that `resume=<value>` names, of a run no live process is still writing."""
+    from mlflow.exceptions import MlflowException
+
     saved = _named(value, client, experiment_id, cfg)
-    refuse_if_training(client.get_run(saved.run_id), f"resume={value}")
+    try:
+        run = client.get_run(saved.run_id)
+    except MlflowException:
+        raise VisiontuneError(
+            f"resume={value}: the checkpoint in {saved.folder} belongs to run {saved.run_id}, which this "
+            f"store does not hold; resume it with the store it was trained with (mlflow.tracking_uri=...)"
+        ) from None
+    refuse_if_training(run, f"resume={value}")
     return saved
 
 
@@ -122,6 +132,10 @@ def refuse_if_training(run, why: str) -> None:
             f"{why}: run {run.info.run_id} is still being trained by process {process}; "
             f"let it end or stop it first (a run continued twice at once would log every epoch twice)"
         )
+
+
+def _alive(run) -> bool:
+    return store.process_state(run.data.tags.get(tags.PROCESS)) == "alive"
 
 
 def _named(value: str, client, experiment_id: str, cfg: DictConfig) -> checkpoint.Saved:
@@ -140,19 +154,37 @@ def _named(value: str, client, experiment_id: str, cfg: DictConfig) -> checkpoin
             f"the KILLED run's {tags.RESUME_COMMAND} tag has the command, or use resume=last"
         ) from None
     if tags.CHECKPOINT not in run.data.tags:
-        raise VisiontuneError(f"resume={value}: run {value} recorded no checkpoint, so it cannot be resumed")
-    return checkpoint.read(Path(run.data.tags[tags.CHECKPOINT]))
+        raise VisiontuneError(
+            f"resume={value}: run {value} has no checkpoint to continue (stopped before its first "
+            f"epoch ended, or checkpoint.every_epochs=0): start it again instead"
+        )
+    saved = checkpoint.read(Path(run.data.tags[tags.CHECKPOINT]))
+    if saved.run_id != run.info.run_id:  # another run's checkpoint has taken the folder since
+        raise VisiontuneError(
+            f"resume={value}: the checkpoint in {saved.folder} is run {saved.run_id}'s now, not run "
+            f"{value}'s: that run cannot be continued (resume={saved.run_id} continues the other)"
+        )
+    return saved
 
 
 def _newest_interrupted(client, experiment_id: str, wanted: str) -> checkpoint.Saved:
+    """The newest run with this config that stopped with a checkpoint and no live process."""
     query = f"tags.`{tags.CONFIG_DIGEST}` = '{wanted}' and attributes.status != 'FINISHED'"
-    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=50)
+    live = [r for r in runs if r.info.status == "RUNNING" and _alive(r)]
+    for run in runs:
+        folder = Path(run.data.tags.get(tags.CHECKPOINT, "/nonexistent"))
+        if not (run.info.status == "RUNNING" and _alive(run)) and (folder / checkpoint.LAST).is_file():
+            return checkpoint.read(folder)
+    if live:
         raise VisiontuneError(
-            "resume=last: no interrupted run of this experiment has this config; give the same "
-            "overrides as the run to resume, or resume=<run id>"
+            f"resume=last: the only run with this config that can be continued, {live[0].info.run_id}, "
+            f"is still being trained by process {live[0].data.tags.get(tags.PROCESS)}; let it end first"
         )
-    return checkpoint.read(Path(runs[0].data.tags[tags.CHECKPOINT]))
+    raise VisiontuneError(
+        "resume=last: no interrupted run of this experiment has this config and a checkpoint; give the "
+        "same overrides as the run to resume, or resume=<run id>"
+    )
 
 
 # --- the config a continued run trains with ---------------------------------------------------------
@@ -174,6 +206,7 @@ def resumed_config(saved: checkpoint.Saved, cfg: DictConfig, overrides: list[str
             f"Start a new run instead."
         )
     _refuse_stretching(saved, now, given)
+    _refuse_foreign_targets(saved)
     resumed = OmegaConf.create(_nest(saved.config))
     for key in given:
         if _may_differ(key) and key in now:
@@ -195,6 +228,24 @@ def _refuse_stretching(saved: checkpoint.Saved, now: Mapping, given: set[str]) -
             f"epochs; resume without epochs=, or start a new run from its model "
             f"(model.weights=runs:/{saved.run_id}/model)"
         )
+
+
+# What a checkpoint's config may instantiate: the optimisers and schedules of torch and visiontune.
+# A checkpoint is a file anyone may hand over; its `_target_`s would otherwise run any callable
+# (torch.load with weights_only=false, os.system...) when the run resumes.
+ALLOWED_TARGETS = re.compile(r"torch\.optim\.(lr_scheduler\.)?[A-Z]\w*|visiontune\.optim\.[a-z_]+")
+
+
+def _refuse_foreign_targets(saved: checkpoint.Saved) -> None:
+    for key, value in saved.config.items():
+        allowed = key in ("optimizer._target_", "scheduler._target_") and ALLOWED_TARGETS.fullmatch(
+            str(value)
+        )
+        if key.rsplit(".", 1)[-1] == "_target_" and not allowed:
+            raise VisiontuneError(
+                f"resume: the checkpoint in {saved.folder} asks to instantiate {key}={value}, which is "
+                f"not one of torch's or visiontune's optimisers and schedules: it is not resumed"
+            )
 
 
 def differing_keys(saved: Mapping, current: Mapping) -> list[str]:

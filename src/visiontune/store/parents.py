@@ -6,9 +6,11 @@ run carries (tags.PROCESS) tells them apart on that host.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -16,30 +18,72 @@ from mlflow.tracking import MlflowClient
 from visiontune import VisiontuneError
 from visiontune.store import tags
 from visiontune.store.interrupts import deferred_interrupt
+from visiontune.store.location import fcntl, sqlite_path
 from visiontune.store.writes import TAG_VALUE_LIMIT, _writing, shorten
 
 # --- the process writing a run -----------------------------------------------------------------
 
 
 def this_process() -> str:
-    """host:pid of this process, the value of a run's tags.PROCESS."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid@start of this process, the value of a run's tags.PROCESS (start: when the kernel
+    started it, so that a pid used again, as in a restarted container, names another process)."""
+    return f"{socket.gethostname()}:{os.getpid()}@{_started(os.getpid())}"
+
+
+def _started(pid: int | str) -> str:
+    """The process's start time in clock ticks after boot (Linux); "" where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]  # field 22; the name in (...) may hold spaces
+    except (OSError, IndexError):
+        return ""
 
 
 def process_state(tag: str | None) -> str:
-    """dead, alive, or unknown (another host, or a run visiontune did not start) for a host:pid tag."""
-    host, _, pid = (tag or "").rpartition(":")
+    """dead, alive, or unknown (another host, or a run visiontune did not start) for a
+    host:pid@start tag (or the host:pid of runs recorded before start times were)."""
+    host, _, process = (tag or "").rpartition(":")
+    pid, _, start = process.partition("@")
     if host != socket.gethostname() or not pid.isdigit():
         return "unknown"
-    cmdline = Path(f"/proc/{pid}/cmdline")
+    if int(pid) == os.getpid():  # asking about a run is never training it: our pid is another's, reused
+        return "dead"
+    if start and _started(pid) != start:
+        return "dead"  # that pid now belongs to a process started later
     try:
         # A reused pid belongs to another program. A sweep job that submitit started runs as
         # `python -m submitit.core._submit <folder>`, without visiontune in its command line.
-        command = cmdline.read_bytes()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
         alive = b"visiontune" in command or b"submitit" in command
     except OSError:
         return "dead"
     return "alive" if alive else "dead"
+
+
+@contextlib.contextmanager
+def holding(uri: str, run_id: str) -> Iterator[None]:
+    """This process trains `run_id`, and no other may at the same time: a lock beside a SQLite store
+    (one byte of one file per run), taken at once or refused. Two processes continuing the same run
+    (two `resume=<id>` launched together) both saw it unclaimed; only one gets its lock. The kernel
+    lets go of it however the process ends, SIGKILL included. Runs in an MLflow server's store rely
+    on the process tag alone."""
+    database = sqlite_path(uri)
+    if database is None or fcntl is None:
+        yield
+        return
+    byte = int(hashlib.sha256(run_id.encode()).hexdigest()[:15], 16)  # one byte per run, far apart
+    with open(database.with_name(database.name + ".runs"), "a") as file:
+        try:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
+        except OSError:
+            raise VisiontuneError(
+                f"run {run_id} is being trained by another process right now; let it end or stop it "
+                f"first (a run continued twice at once would log every epoch twice)"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.lockf(file, fcntl.LOCK_UN, 1, byte)
 
 
 def mark_failed(client: MlflowClient, run_id: str, reason: str) -> None:

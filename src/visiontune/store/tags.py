@@ -22,6 +22,9 @@ LR = "lr"
 # --- resuming a training run ----------------------------------------------------------------------
 
 CHECKPOINT = "visiontune.checkpoint"  # the folder of a run's checkpoints: a run without it cannot resume
+# The run folder of the launch that trains the run; set at its start (before any checkpoint): how a
+# torchrun restart finds the run its launch began.
+OUTPUT_DIR = "visiontune.output_dir"
 CONFIG_DIGEST = "visiontune.config_digest"  # what resume=last matches a run on (checkpoint.digest)
 RESUME_COMMAND = "visiontune.resume_command"  # set on a run stopped early: the command that continues it
 

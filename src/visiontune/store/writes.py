@@ -244,6 +244,14 @@ def set_tags(values: Mapping[str, str]) -> None:
         mlflow.set_tags(dict(values))
 
 
+def delete_tag(key: str) -> None:
+    """The active run's tag `key` removed, where it has one."""
+    with _writing("delete a tag"):
+        run_id = mlflow.active_run().info.run_id
+        if key in mlflow.get_run(run_id).data.tags:
+            mlflow.delete_tag(key)
+
+
 def logged_steps(run_id: str, key: str) -> set[int]:
     """The steps at which the run has logged `key` (a continued run logs only the others)."""
     return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
