@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from helpers import after_first_epoch, make_image_folder, run_cli, store_runs
+from helpers import FAST, after_first_epoch, make_image_folder, run_cli, store_runs
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +133,199 @@ def test_sigterm_stops_with_143_then_resume_last_continues_it(tmp_path, folder):
     assert finished.info.status == "FINISHED" and finished.info.run_id == run.info.run_id
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
     assert sorted(steps) == list(range(1, done + 2))
+
+
+# --- interrupted again and again; resumes that must be refused (issue 18) ------------------------
+
+
+def epochs_logged(store) -> int:
+    """How many val_acc steps the store holds, read without MLflow (see helpers.has_metric)."""
+    import contextlib
+    import sqlite3
+
+    if not store.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT COUNT(DISTINCT step) FROM metrics WHERE key = 'val_acc'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def stopped_after(cwd, args, epochs: int, prefix=(), how=signal.SIGTERM) -> tuple[int, str]:
+    """visiontune-train `args` in `cwd` (after a `prefix` command), its process group sent `how`
+    once `epochs` epochs are logged (SIGTERM: as SLURM or `timeout` stop a job); (exit code, stderr)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from helpers import cli_env
+
+    command = [*prefix, sys.executable, "-m", "visiontune.train", *args]
+    store = cwd / "outputs" / "mlflow.db"
+    with subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=cli_env(cwd),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        deadline = time.monotonic() + 180
+        while epochs_logged(store) < epochs and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(process.pid, how)
+        return process.wait(timeout=120), process.stderr.read()
+
+
+def slow_args(folder, epochs: int = 6) -> list[str]:
+    # A rate so small that no epoch improves on the first: the best weights are epoch 1's, from
+    # before every interruption.
+    return [*train_args(folder, 0)[:-1], f"epochs={epochs}", "optimizer.lr=1e-12"]
+
+
+def test_interrupted_again_and_again_it_still_finishes_with_its_best_weights(tmp_path, folder):
+    store = tmp_path / "outputs" / "mlflow.db"
+    assert stopped_after(tmp_path, slow_args(folder), 2)[0] == 143
+    (run,) = store_runs(store)
+    resume = f"resume={run.info.run_id}"
+    # The second attempt writes checkpoints of its own (epoch 3); the third writes none before it
+    # is stopped (every 5 epochs), and must leave the run resumable all the same.
+    assert stopped_after(tmp_path, [resume], 3)[0] == 143
+    code, stderr = stopped_after(tmp_path, [resume, "checkpoint.every_epochs=5"], 4)
+    assert code == 143 and f"continue it with: visiontune-train {resume}" in stderr, stderr[-2000:]
+
+    result = run_cli(tmp_path, resume)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = store_runs(store)
+    assert run.info.status == "FINISHED" and run.data.metrics["best_epoch"] == 1
+    assert "visiontune.resume_command" not in run.data.tags, "a finished run has nothing to resume"
+    from mlflow.tracking import MlflowClient
+
+    steps = [
+        m.step for m in MlflowClient(f"sqlite:///{store}").get_metric_history(run.info.run_id, "val_acc")
+    ]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6], "every epoch logged once"
+    assert weights(tmp_path, run), "its model loads"
+    assert not list((tmp_path / "outputs" / "runs").rglob("*.pt*")), "no attempt's checkpoint is left behind"
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, folder):
+    """A launch folder holding one run stopped with SIGTERM after its first epoch."""
+    cwd = tmp_path_factory.mktemp("stopped")
+    assert stopped_after(cwd, slow_args(folder, epochs=3), 1)[0] == 143
+    (run,) = store_runs(cwd / "outputs" / "mlflow.db")
+    return cwd, run
+
+
+@pytest.mark.parametrize("group", ["model=alexnet", "optimizer=adam", "mode=finetune"])
+def test_a_resume_that_chooses_another_group_is_refused(stopped, group):
+    cwd, run = stopped
+    refused = run_cli(cwd, f"resume={run.info.run_id}", group)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert f"resume: {group.split('=')[0]} differ from the run being resumed" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_a_checkpoint_that_would_instantiate_anything_else_is_not_resumed(stopped, tmp_path):
+    cwd, run = stopped
+    (saved,) = (cwd / "outputs").rglob("last.pt")
+    state = torch.load(saved, weights_only=True)
+    marker = tmp_path / "pwned"
+    state["config"]["optimizer._target_"] = "os.system"
+    state["config"]["optimizer.command"] = f"touch {marker}"
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    torch.save(state, crafted / "last.pt")
+    refused = run_cli(cwd, f"resume={crafted}")
+    assert refused.returncode == 1 and "optimizer._target_=os.system" in refused.stderr, refused.stderr[
+        -2000:
+    ]
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_a_run_this_store_lacks_is_one_line(stopped, tmp_path):
+    _, run = stopped
+    (saved,) = (stopped[0] / "outputs").rglob("last.pt")
+    refused = run_cli(tmp_path, f"resume={saved.parent}")  # another launch folder: another store
+    assert refused.returncode == 1 and "which this store does not hold" in refused.stderr
+    assert "Traceback" not in refused.stderr and run.info.run_id in refused.stderr
+
+
+def test_two_resumes_of_one_run_at_once_train_it_once(tmp_path, folder):
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    assert stopped_after(tmp_path, slow_args(folder, epochs=3), 1)[0] == 143
+    (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
+    command = [sys.executable, "-m", "visiontune.train", f"resume={run.info.run_id}"]
+    launched = [
+        subprocess.Popen(command, cwd=tmp_path, env=cli_env(tmp_path), stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = sorted((p.wait(timeout=300), p.stderr.read()) for p in launched)
+    (ok, _), (refused, why) = results
+    assert (ok, refused) == (0, 1), results
+    assert "is being trained by another process" in why or "is still being trained by process" in why
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}").get_metric_history(
+        run.info.run_id, "val_acc"
+    )
+    assert sorted(m.step for m in history) == [1, 2, 3], "each epoch logged once"
+
+
+def test_finishing_removes_only_the_checkpoints_it_wrote(tmp_path, tiny_folder):
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "checkpoints" / "mine.ckpt").write_text("a user's own file")
+    args = ["data=imagefolder", f"data.root={tiny_folder}", "mode=scratch", *FAST, f"hydra.run.dir={project}"]
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (project / "checkpoints" / "mine.ckpt").read_text() == "a user's own file"
+    assert not list((project / "checkpoints").glob("*.pt"))
+
+
+def _can_unshare() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    return (
+        subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode
+        == 0
+    )
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs unshare --pid --fork --mount-proc (Linux, as root)")
+def test_a_run_killed_in_a_container_resumes_from_the_restarted_container(tmp_path, folder):
+    """A restarted container keeps its hostname and starts its process at the same pid: the
+    resuming process must not take the dead trainer's tag for itself, alive."""
+    container = ["unshare", "--pid", "--fork", "--mount-proc"]
+    code, _ = stopped_after(tmp_path, slow_args(folder, epochs=3), 1, container, signal.SIGKILL)
+    assert code != 0
+    (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
+    assert run.info.status == "RUNNING", "killed -9: the store still says RUNNING"
+    listing = run_cli(tmp_path, module="visiontune.commands.runs")
+    assert run.info.run_id in listing.stdout, "visiontune-runs lists the dead run"
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    again = subprocess.run(
+        [*container, sys.executable, "-m", "visiontune.train", f"resume={run.info.run_id}"],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert store_runs(tmp_path / "outputs" / "mlflow.db")[0].info.status == "FINISHED"
