@@ -13,6 +13,11 @@ class VisiontuneError(Exception):
     """A problem with the user's input: the message says what is wrong and how to fix it."""
 
 
+class Stopped(KeyboardInterrupt):
+    """The run cannot go on for a cause outside it (a lost torchrun peer, a full disk): it ends
+    KILLED and resumable, as on Ctrl-C, and the command says why in one line and exits 1."""
+
+
 # Another library's error quoted inside our own message: enough to name the cause, never a wall.
 CAUSE_LIMIT = 500
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visiontune import VisiontuneError, engine
+from visiontune import Stopped, VisiontuneError, engine, user_message
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -63,10 +63,22 @@ def save(folder: Path, training: engine.Training, progress: engine.Progress, ext
     _write(folder / LAST, state)
 
 
+class NotWritten(Stopped):
+    """A checkpoint could not be written (a full disk, a folder gone): the run stops KILLED, and
+    resumes from the checkpoint before it once the cause is fixed."""
+
+
 def _write(path: Path, state) -> None:
     partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)  # a reader sees the old file or the new one, never half of one
+    try:
+        torch.save(state, partial)
+        os.replace(partial, path)  # a reader sees the old file or the new one, never half of one
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        partial.unlink(missing_ok=True)  # half a file only keeps the disk full
+        raise NotWritten(
+            f"could not write the checkpoint {path} ({user_message(err)}); the run stops and can be "
+            f"resumed from its previous checkpoint once there is room"
+        ) from err
 
 
 def read(folder: Path) -> Saved:

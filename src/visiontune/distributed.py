@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from visiontune import Stopped
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -65,7 +67,7 @@ def process_group(launch: Launch | None, device) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-class PeerLost(KeyboardInterrupt):
+class PeerLost(Stopped):
     """Another rank stopped (killed, out of memory, failed): this one stops as on Ctrl-C, its run
     KILLED and resumable, and torchrun restarts all ranks (--max-restarts) or ends the job."""
 

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from visiontune import VisiontuneError, config, distributed, user_message
+from visiontune import Stopped, VisiontuneError, config, distributed, user_message
 
 log = logging.getLogger("visiontune")
 
@@ -85,7 +85,7 @@ def _interrupted(err: KeyboardInterrupt, launch: distributed.Launch | None, rank
     if launch is not None and threading.current_thread() is threading.main_thread():
         # torchrun sends SIGTERM to the ranks left once one stops: it must not cut this exit short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if isinstance(err, distributed.PeerLost):  # a run it had open already said "MLflow run ... KILLED"
+    if isinstance(err, Stopped):  # a run it had open already said "MLflow run ... KILLED"
         log.error("error: %s", err)
         raise SystemExit(1) from None
     stopped = isinstance(err, Terminated)

@@ -329,3 +329,40 @@ def test_a_run_killed_in_a_container_resumes_from_the_restarted_container(tmp_pa
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert store_runs(tmp_path / "outputs" / "mlflow.db")[0].info.status == "FINISHED"
+
+
+def _small_files_only(limit: int):
+    """For a child process: files may grow to `limit` bytes, as on a disk that is nearly full."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_killed_in_one_line(tmp_path, folder):
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    # resnet18's checkpoint (weights and momentum) is about 90 MB; the store stays far below 20 MB.
+    result = subprocess.run(
+        [sys.executable, "-m", "visiontune.train", *train_args(folder, 0)],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_small_files_only(20 * 2**20),
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "could not write the checkpoint" in result.stderr and "/checkpoints/" in result.stderr
+    assert "Traceback" not in result.stderr
+    (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
+    assert run.info.status == "KILLED"
+    assert not list((tmp_path / "outputs" / "runs").rglob("*.partial")), (
+        "no half-written file keeps the disk full"
+    )
