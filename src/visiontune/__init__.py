@@ -13,6 +13,10 @@ class VisiontuneError(Exception):
     """A problem with the user's input: the message says what is wrong and how to fix it."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and `timeout` send): stop as on Ctrl-C, exit 143."""
+
+
 class Stopped(KeyboardInterrupt):
     """The run cannot go on for a cause outside it (a lost torchrun peer, a full disk): it ends
     KILLED and resumable, as on Ctrl-C, and the command says why in one line and exits 1."""

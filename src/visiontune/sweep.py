@@ -12,6 +12,7 @@ import atexit
 import hashlib
 import json
 import logging
+import shlex
 import signal
 import sys
 import tempfile
@@ -104,10 +105,17 @@ def abandon_open_sweeps(reason: str, close_children: bool = True) -> bool:
     return ended
 
 
+def note_interrupted() -> None:
+    """A job of an open sweep in this process was stopped by SIGTERM: its parent ends KILLED."""
+    for callback in _OPEN:
+        callback.interrupted = True
+
+
 class MlflowSweep(Callback):
     def __init__(self) -> None:
         self.parent = None  # a store.ParentRun while the sweep is open
         self.interrupted = False
+        self.overrides: list[str] = []
         self.registry: tuple[str, str] | None = None  # (model name, alias) the winner is registered as
 
     # Hydra turns an exception in a callback into a warning and carries on: a sweep would run
@@ -148,6 +156,10 @@ class MlflowSweep(Callback):
         atexit.register(self._end_abandoned)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._note_interrupt)
+            # SLURM, Kubernetes and `timeout` send SIGTERM to the whole process group: the sweep
+            # stops as on Ctrl-C (joblib then ends its workers) instead of dying with its parent open.
+            signal.signal(signal.SIGTERM, self._note_terminate)
+        self.overrides = overrides
         key = overrides_key(overrides)
         if config.mlflow.get("registered_model_name") and config.mlflow.log_model:
             self.registry = (str(config.mlflow.registered_model_name), str(config.mlflow.champion_alias))
@@ -199,6 +211,12 @@ class MlflowSweep(Callback):
         print(f"registered run {run_id}'s model as {name} version {version}: models:/{name}@{alias}")
         return f"models:/{name}@{alias}"
 
+    def _resume_command(self) -> str:
+        from visiontune import redact
+
+        kept = [shlex.quote(redact(o)) for o in self.overrides if not o.startswith("resume=")]
+        return " ".join(["visiontune-train", "-m", *kept, f"resume={self.parent.run_id}"])
+
     def _closed(self) -> None:
         self.parent = None
         if self in _OPEN:
@@ -207,6 +225,12 @@ class MlflowSweep(Callback):
     def _note_interrupt(self, signum, frame) -> None:
         self.interrupted = True
         signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as without us
+
+    def _note_terminate(self, signum, frame) -> None:
+        from visiontune import Terminated
+
+        self.interrupted = True
+        raise Terminated
 
     def _end_abandoned(
         self, reason: str = "the sweep stopped before its end", close_children: bool = True
@@ -222,7 +246,11 @@ class MlflowSweep(Callback):
                 print(
                     f"error: {reason}; its MLflow parent run {self.parent.run_id} is FAILED", file=sys.stderr
                 )
-            self.parent.end(status, reason if status == "FAILED" else None)
+                self.parent.end(status, reason)
+            else:
+                command = self._resume_command()
+                print(f"stopped; continue the sweep with: {command}", file=sys.stderr)
+                self.parent.end(status, resume_command=command)
             self._closed()
         except Exception as err:
             print(f"error: cannot end the sweep's MLflow parent run: {_message(err)}", file=sys.stderr)

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from visiontune import Stopped, VisiontuneError, config, distributed, user_message
+from visiontune import Stopped, Terminated, VisiontuneError, config, distributed, user_message
 
 log = logging.getLogger("visiontune")
 
@@ -104,11 +104,10 @@ def _check_values(cfg: DictConfig, rank: int) -> None:
         raise
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what SLURM, Kubernetes and `timeout` send): stop as on Ctrl-C, exit 143."""
-
-
 def _terminate(signum, frame) -> None:
+    from visiontune import sweep
+
+    sweep.note_interrupted()  # a sweep's job in this process: its parent ends KILLED, not FAILED
     raise Terminated
 
 
@@ -245,6 +244,8 @@ def _sweep() -> None:
     except CompactHydraException as err:
         cause = f"\n{err.__cause__}" if err.__cause__ is not None else ""
         sys.exit(f"{err}{cause}")
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM to the sweep's process (sweep.py)
+        _sweep_stopped(err)
     except BrokenProcessPool:  # joblib's TerminatedWorkerError: one loky worker was killed
         from visiontune import sweep
 
@@ -262,6 +263,19 @@ def _sweep() -> None:
         if not sweep.abandon_open_sweeps(reason, close_children=False):
             sys.exit(f"error: {reason}")
         sys.exit(1)
+
+
+def _sweep_stopped(err: KeyboardInterrupt) -> NoReturn:
+    """The sweep's parent KILLED with the command that continues it, joblib's workers ended (none
+    lingers, holding its memory), and the exit code of the signal: 143 for SIGTERM, 130 for Ctrl-C."""
+    from visiontune import sweep
+
+    if "joblib" in sys.modules:  # the joblib launcher ran: its loky workers outlive an abort otherwise
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=False, kill_workers=True)
+    sweep.abandon_open_sweeps("the sweep was stopped")
+    raise SystemExit(143 if isinstance(err, Terminated) else 130) from None
 
 
 def _prefix_console(prefix: str) -> None:

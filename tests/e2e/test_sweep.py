@@ -358,3 +358,34 @@ def test_the_four_mode_comparison_with_staged_unfreezing_and_one_cycle(
     assert "| squeezenet-staged |" in result.stdout, "the leaderboard is printed at the end"
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"leaderboard.csv", "val_acc_overlay.png"} <= names, "the parent holds the comparison figure"
+
+
+def test_sigterm_to_a_joblib_sweep_ends_it_killed_with_nothing_left_behind(tmp_path, tiny_folder):
+    """SLURM, Kubernetes and `timeout` send SIGTERM to the whole process group."""
+    import os
+    import signal
+    import time
+
+    from helpers import after_first_epoch
+
+    fast = [o for o in FAST if not o.startswith("epochs=")]
+    args = ["-m", "seed=1,2,3,4", f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *fast]
+    args += ["epochs=300", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "mlflow.log_model=false"]
+    with after_first_epoch(tmp_path, *args, poll=0.3) as running:
+        group = running.process.pid
+        os.killpg(group, signal.SIGTERM)
+    assert running.process.returncode == 143, running.stderr[-3000:]
+    assert "Traceback" not in running.stderr, running.stderr[-3000:]
+    parent, children = parent_and_children(tmp_path)
+    command = parent.data.tags.get("visiontune.resume_command", "")
+    assert parent.info.status == "KILLED" and command.endswith(f"resume={parent.info.run_id}")
+    assert command in running.stderr
+    assert children and all(c.info.status != "RUNNING" for c in children), "nothing left RUNNING"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)  # any process of the sweep's group still alive?
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    raise AssertionError("a process of the sweep outlived it by 30 s")

@@ -162,8 +162,10 @@ class ParentRun:
         for key, value in metrics.items():
             client.log_metric(self.run_id, key, value)
 
-    def end(self, status: str, error: str | None = None) -> None:
+    def end(self, status: str, error: str | None = None, resume_command: str | None = None) -> None:
         client = MlflowClient(self.uri)
         if error is not None:
             client.set_tag(self.run_id, tags.ERROR, shorten(error, TAG_VALUE_LIMIT))
+        if resume_command is not None:
+            client.set_tag(self.run_id, tags.RESUME_COMMAND, shorten(resume_command, TAG_VALUE_LIMIT))
         client.set_terminated(self.run_id, status)
