@@ -139,7 +139,8 @@ def test_sigterm_stops_with_143_then_resume_last_continues_it(tmp_path, folder):
 
 
 def epochs_logged(store) -> int:
-    """How many val_acc steps the store holds, read without MLflow (see helpers.has_metric)."""
+    """How many epochs the store's runs have logged together (val_acc values: one per run and epoch),
+    read without MLflow (see helpers.has_metric)."""
     import contextlib
     import sqlite3
 
@@ -147,14 +148,14 @@ def epochs_logged(store) -> int:
         return 0
     try:
         with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as db:
-            return db.execute("SELECT COUNT(DISTINCT step) FROM metrics WHERE key = 'val_acc'").fetchone()[0]
+            return db.execute("SELECT COUNT(*) FROM metrics WHERE key = 'val_acc'").fetchone()[0]
     except sqlite3.Error:
         return 0
 
 
 def stopped_after(cwd, args, epochs: int, prefix=(), how=signal.SIGTERM) -> tuple[int, str]:
     """visiontune-train `args` in `cwd` (after a `prefix` command), its process group sent `how`
-    once `epochs` epochs are logged (SIGTERM: as SLURM or `timeout` stop a job); (exit code, stderr)."""
+    once the store holds `epochs` epochs (of all its runs) (SIGTERM: as SLURM or `timeout` stop a job); (exit code, stderr)."""
     import os
     import subprocess
     import sys
@@ -366,3 +367,26 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_killed_in_one_line(tm
     assert not list((tmp_path / "outputs" / "runs").rglob("*.partial")), (
         "no half-written file keeps the disk full"
     )
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_not_offered_for_resuming(tmp_path, folder):
+    """resume=last passes over it to the newest run that can continue; resume=<its id> says why not."""
+    store = tmp_path / "outputs" / "mlflow.db"
+    args = slow_args(folder, epochs=3)
+    assert stopped_after(tmp_path, args, 1)[0] == 143  # the older run: a checkpoint after epoch 1
+    (older,) = store_runs(store)
+    code, _ = stopped_after(tmp_path, [*args, "checkpoint.every_epochs=5"], 2, how=signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    newer = next(r for r in store_runs(store) if r.info.run_id != older.info.run_id)
+    assert "visiontune.checkpoint" not in newer.data.tags, "no checkpoint, no tag pointing at one"
+
+    refused = run_cli(tmp_path, f"resume={newer.info.run_id}")
+    assert refused.returncode == 1 and "has no checkpoint to continue" in refused.stderr, refused.stderr[
+        -2000:
+    ]
+    listing = run_cli(tmp_path, module="visiontune.commands.runs").stdout
+    assert newer.info.run_id in listing and f"resume={newer.info.run_id}" not in listing
+    result = run_cli(tmp_path, "resume=last", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    statuses = {r.info.run_id: r.info.status for r in store_runs(store)}
+    assert statuses[older.info.run_id] == "FINISHED" and statuses[newer.info.run_id] == "RUNNING"
