@@ -135,11 +135,12 @@ class MlflowSweep(Callback):
 
     def _open_parent(self, config: DictConfig) -> None:
         from visiontune import redact, store
+        from visiontune.config import typed_text
 
         check_sweeper(config.hydra.sweeper)
         launch_dir = Path(config.hydra.runtime.cwd)
         uri = store.tracking_uri(config.mlflow.tracking_uri, launch_dir)
-        experiment_id = store.ensure_experiment(uri, str(config.mlflow.experiment_name))
+        experiment_id = store.ensure_experiment(uri, typed_text(config, "mlflow.experiment_name"))
         sweep_dir = launch_dir / str(config.hydra.sweep.dir)
         overrides = list(config.hydra.overrides.task)
         varied = swept_keys(overrides, config.hydra.sweeper.get("params"))
