@@ -425,8 +425,17 @@ def _task_overrides(cfg: DictConfig) -> list[str]:
     if "hydra" in cfg:
         return list(OmegaConf.select(cfg, "hydra.overrides.task", default=[]))
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    if not HydraConfig.initialized():
+        return []
+    hydra = HydraConfig.get()
+    # A sweep's job is handed Hydra's rendering of its values (true -> True); the sweep's own
+    # record, written before any job starts, keeps the command line as typed.
+    sweep = Path(hydra.runtime.cwd, hydra.sweep.dir, "multirun.yaml")
+    if hydra.mode == RunMode.MULTIRUN and sweep.is_file():
+        return list(OmegaConf.select(OmegaConf.load(sweep), "hydra.overrides.task", default=[]))
+    return list(hydra.overrides.task)
 
 
 # model.weights values that are no file: torchvision's weights names (DEFAULT, IMAGENET1K_V1, ...)
