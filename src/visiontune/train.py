@@ -233,10 +233,13 @@ def cli() -> None:
 # Where Hydra puts run folders when the command line does not say (the part of conf/train.yaml's
 # hydra.run.dir and hydra.sweep.dir before their ${now:...}).
 OUTPUT_KEYS = {False: ("hydra.run.dir", "outputs/runs"), True: ("hydra.sweep.dir", "outputs/multirun")}
+PRINT_ONLY = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
 
 
 def _unwritable_output(args: list[str], multirun: bool) -> str | None:
     """Why Hydra could not write the run's folder, or None: Hydra itself answers with a traceback."""
+    if PRINT_ONLY & set(args):  # --help, --cfg job: Hydra writes no folder
+        return None
     key, default = OUTPUT_KEYS[multirun]
     given = [a.partition("=")[2].strip("'\"") for a in args if a.startswith(f"{key}=")]
     value = given[-1] if given else default

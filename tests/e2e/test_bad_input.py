@@ -158,3 +158,10 @@ def test_resuming_to_fewer_epochs_than_trained_is_refused(tmp_path, tiny_folder)
     assert after.info.status == "FINISHED" and after.info.end_time == run.info.end_time, (
         "the run is untouched"
     )
+
+
+def test_help_and_cfg_answer_whatever_the_run_folder(tmp_path):
+    """They write no folder: an unwritable hydra.run.dir is no reason to refuse them."""
+    result = run_cli(tmp_path, "hydra.run.dir=/proc", "--cfg", "job", env=cli_env(tmp_path) | NO_TORCH)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "arch: squeezenet1_0" in result.stdout
