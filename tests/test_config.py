@@ -99,3 +99,45 @@ def test_trainable_from_must_name_a_group():
     cfg = compose_cfg("model=resnet", "mode=finetune", "mode.trainable_from=layer3")
     with pytest.raises(VisiontuneError, match="use one of early, middle, late, head"):
         config.read(cfg)
+
+
+def test_an_imagefolder_without_root_says_how_to_give_one():
+    with pytest.raises(VisiontuneError) as raised:
+        config.read(compose_cfg("data=imagefolder"))
+    assert str(raised.value) == (
+        "data.root is required for data=imagefolder: data.root=/path/to/folder (with train/ and val/ inside)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "is_file"),
+    [
+        ("DEFAULT", False),
+        ("IMAGENET1K_V1", False),
+        ("runs:/0123abcd/model", False),
+        ("models:/ants@champion", False),
+        ("/no/such.pth", True),
+        ("weights/resnet.pth", True),
+        ("ResNet18_Weights.IMAGENET1K_V1", True),  # not a name resolve_weights takes: a file
+    ],
+)
+def test_weights_files_are_told_from_names_and_uris(tmp_path, value, is_file):
+    mode = config.mode_of(compose_cfg("mode=finetune").mode)
+    found = config.weights_file(value, mode, tmp_path)
+    assert found == ((tmp_path / value).resolve() if is_file else None)
+
+
+def test_a_mode_without_pretrained_weights_names_no_weights_file(tmp_path):
+    scratch = config.mode_of(compose_cfg("mode=scratch").mode)
+    assert config.weights_file("/no/such.pth", scratch, tmp_path) is None
+
+
+@pytest.mark.parametrize("typed", ["2024", "nan", "true"])
+def test_an_experiment_name_yaml_reads_as_a_number_or_flag_is_the_text_typed(typed):
+    from omegaconf import open_dict
+
+    cfg = compose_cfg(f"mlflow.experiment_name={typed}")
+    assert not isinstance(cfg.mlflow.experiment_name, str), "YAML reads it as a number or a flag"
+    with open_dict(cfg):  # the config a sweep callback gets holds the overrides as typed
+        cfg.hydra = {"overrides": {"task": [f"mlflow.experiment_name={typed}"]}}
+    assert config.read_mlflow(cfg).experiment_name == typed

@@ -90,7 +90,80 @@ def test_class_without_val_images_trains_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="visiontune.data"):
         checked = data.check_folder(root, skip_bad=False)
     assert checked.classes == ["ants", "bees"] and len(checked.samples["train"]) == 2
-    assert "'bees' trains but is never validated" in caplog.text
+    assert "['bees'] in" in caplog.text and "they train but are never validated" in caplog.text
+
+
+def test_layout_check_needs_no_torch():
+    """The CLI checks the layout before torch is imported: folders.py alone must not import it."""
+    import subprocess
+    import sys
+
+    code = "import sys; from visiontune.data import folders; print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_image_extensions_are_torchvisions():
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    assert data.IMG_EXTENSIONS == IMG_EXTENSIONS
+
+
+def test_layout_of_a_good_folder_passes(tiny_folder):
+    data.check_layout(tiny_folder, downloads=False)
+
+
+def test_layout_of_a_missing_root_passes_when_it_downloads(tmp_path):
+    data.check_layout(tmp_path / "nowhere", downloads=True)
+    with pytest.raises(VisiontuneError, match="does not exist.*data.root="):
+        data.check_layout(tmp_path / "nowhere", downloads=False)
+
+
+def _layout_mistake(root: Path, kind: str) -> None:
+    if kind == "no val":
+        shutil.rmtree(root / "val")
+    elif kind == "no class folders":
+        shutil.rmtree(root / "val")
+        (root / "val").mkdir()
+    elif kind == "no images":  # class folders, with only what is no image in them
+        for image in (root / "val").rglob("*.jpg"):
+            image.unlink()
+        (root / "val" / "ants" / "notes.txt").write_text("not an image")
+
+
+LAYOUT_MISTAKES = {
+    "no val": "val is missing",
+    "no class folders": "val has no class folders",
+    "no images": r"val has class folders \['ants', 'bees'\] but no images in them",
+}
+
+
+@pytest.mark.parametrize("kind", LAYOUT_MISTAKES)
+def test_layout_mistakes_are_found_without_opening_an_image(tmp_path, kind):
+    root = make_image_folder(tmp_path / "d", {"train": 1, "val": 1})
+    _layout_mistake(root, kind)
+    with pytest.raises(VisiontuneError, match=LAYOUT_MISTAKES[kind]):
+        data.check_layout(root, downloads=False)
+
+
+def test_one_class_is_refused_naming_it_and_the_folder(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train": 2, "val": 1}, classes=("ants",))
+    message = rf"{root} holds one class, 'ants' \(in {root / 'train'}\): a classifier needs at least two"
+    with pytest.raises(VisiontuneError, match=message):
+        data.check_layout(root, downloads=False)
+    with pytest.raises(VisiontuneError, match=message):  # a sweep's job: checked in the run
+        data.find_samples(root)
+
+
+def test_long_lists_in_messages_are_cut(tmp_path):
+    root = tmp_path / "d"
+    for split in ("train", "val"):
+        for i in range(25):
+            (root / split / f"c{i:02d}").mkdir(parents=True)
+    with pytest.raises(VisiontuneError) as raised:
+        data.check_layout(root, downloads=False)
+    assert "'c00', 'c01'" in str(raised.value) and "'c09' and 15 more]" in str(raised.value)
+    assert "c10" not in str(raised.value)
 
 
 @pytest.mark.skipif(

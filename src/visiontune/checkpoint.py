@@ -90,6 +90,11 @@ def read(folder: Path) -> Saved:
             f"no checkpoint at {path}: the run wrote none (checkpoint.every_epochs=0), or it FINISHED "
             f"and its checkpoint was removed (checkpoint.keep_after_finish=true keeps it)"
         )
+    if path.stat().st_size == 0:  # torch.load's own message for it is empty: "cannot be read ()"
+        raise VisiontuneError(
+            f"the checkpoint {path} is empty (0 bytes): it was truncated (a full disk, or a copy cut "
+            f"short). Restore it from a copy, or start a new run"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

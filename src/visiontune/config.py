@@ -315,6 +315,11 @@ def _data_settings(cfg: DictConfig) -> DataSettings:
             f"true (on any device) or false (in the data workers)"
         )
     data = cfg.data
+    if OmegaConf.is_missing(data, "root"):  # conf/data/imagefolder.yaml: root: ???
+        raise VisiontuneError(
+            f"data.root is required for data={data.get('name', 'imagefolder')}: "
+            f"data.root=/path/to/folder (with train/ and val/ inside)"
+        )
     return DataSettings(
         root=str(data.root),
         url=data.url,
@@ -395,12 +400,55 @@ def read_mlflow(cfg: DictConfig) -> MlflowSettings:
     _check_registry(name, alias)
     return MlflowSettings(
         tracking_uri=cfg.mlflow.tracking_uri,
-        # YAML reads 2024 or nan as a number: the experiment is named by the text the user typed.
-        experiment_name=str(cfg.mlflow.experiment_name),
+        experiment_name=typed_text(cfg, "mlflow.experiment_name"),
         log_model=cfg.mlflow.log_model,
         registered_model_name=name,
         champion_alias=alias,
     )
+
+
+def typed_text(cfg: DictConfig, key: str) -> str | None:
+    """cfg's value at `key` as text: where YAML read what the user typed as a number or a flag
+    (2024, nan, true), the text itself, from Hydra's record of the overrides (not True)."""
+    value = OmegaConf.select(cfg, key)
+    if value is None or isinstance(value, str):
+        return value
+    for override in _task_overrides(cfg):
+        name, _, text = override.partition("=")
+        if name.lstrip("+~") == key and "," not in text:  # a sweep's list is no one value
+            return text.strip("'\"")
+    return str(value)
+
+
+def _task_overrides(cfg: DictConfig) -> list[str]:
+    """The command line's overrides: in the config a sweep callback gets, or from Hydra in a job."""
+    if "hydra" in cfg:
+        return list(OmegaConf.select(cfg, "hydra.overrides.task", default=[]))
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return []
+    hydra = HydraConfig.get()
+    # A sweep's job is handed Hydra's rendering of its values (true -> True); the sweep's own
+    # record, written before any job starts, keeps the command line as typed.
+    sweep = Path(hydra.runtime.cwd, hydra.sweep.dir, "multirun.yaml")
+    if hydra.mode == RunMode.MULTIRUN and sweep.is_file():
+        return list(OmegaConf.select(OmegaConf.load(sweep), "hydra.overrides.task", default=[]))
+    return list(hydra.overrides.task)
+
+
+# model.weights values that are no file: torchvision's weights names (DEFAULT, IMAGENET1K_V1, ...)
+# and MLflow model URIs (models.resolve_weights tells them apart with torchvision at hand).
+WEIGHTS_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+MODEL_URI = re.compile(r"(runs|models):/")
+
+
+def weights_file(weights: str | None, mode: Mode, launch_dir: Path) -> Path | None:
+    """The file model.weights names, where it names one and the mode loads it; None otherwise."""
+    if weights is None or not mode.pretrained or WEIGHTS_NAME.fullmatch(weights) or MODEL_URI.match(weights):
+        return None
+    return (launch_dir / weights).resolve()
 
 
 def _check_mode(mode: Mode, spec: ModelSpec, epochs: int) -> None:

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from visiontune import (
+    VisiontuneError,
     augment,
     checkpoint,
     config,
@@ -55,7 +56,9 @@ def run(cfg: DictConfig) -> float:
 def train(cfg: DictConfig, job: Job, device: torch.device, record) -> float:
     """The run's steps: its config, the set-up, fit, the end; `record` keeps what rank 0 records."""
     saved = record.continued.saved()
-    cfg = resume.resumed_config(saved, cfg, job.overrides) if saved else cfg
+    if saved:
+        cfg = resume.resumed_config(saved, cfg, job.overrides)
+        refuse_fewer_epochs(saved, cfg.epochs)
     with record.tracking(cfg):
         settings = config.read(cfg)  # the CLI checked a single run's values; a sweep's job is a FAILED child
         setup = set_up(settings, job, device)
@@ -68,6 +71,16 @@ def train(cfg: DictConfig, job: Job, device: torch.device, record) -> float:
         data.close(setup.loaders)
     record.done(settings)
     return result.best_acc
+
+
+def refuse_fewer_epochs(saved: checkpoint.Saved, epochs) -> None:
+    """Before the run is reopened: resuming to fewer epochs than it trained would train nothing."""
+    trained = saved.state["progress"]["epoch"]
+    if isinstance(epochs, int) and epochs < trained:
+        raise VisiontuneError(
+            f"resume: the run {saved.run_id} already trained {trained} epochs; epochs={epochs} would "
+            f"train none of them: give epochs=N with N > {trained} to train it further"
+        )
 
 
 @dataclass(frozen=True)

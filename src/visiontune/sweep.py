@@ -143,22 +143,18 @@ class MlflowSweep(Callback):
 
     def _open_parent(self, config: DictConfig) -> None:
         from visiontune import redact, store
+        from visiontune.config import typed_text
 
         check_sweeper(config.hydra.sweeper)
         launch_dir = Path(config.hydra.runtime.cwd)
         uri = store.tracking_uri(config.mlflow.tracking_uri, launch_dir)
-        experiment_id = store.ensure_experiment(uri, str(config.mlflow.experiment_name))
+        experiment_id = store.ensure_experiment(uri, typed_text(config, "mlflow.experiment_name"))
         sweep_dir = launch_dir / str(config.hydra.sweep.dir)
         overrides = list(config.hydra.overrides.task)
         varied = swept_keys(overrides, config.hydra.sweeper.get("params"))
         # A sweep stopped by Ctrl-C or by its sweeper failing (Optuna, when no trial completed)
         # never reaches on_multirun_end; the parent then ends KILLED or FAILED at exit.
-        atexit.register(self._end_abandoned)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._note_interrupt)
-            # SLURM, Kubernetes and `timeout` send SIGTERM to the whole process group: the sweep
-            # stops as on Ctrl-C (joblib then ends its workers) instead of dying with its parent open.
-            signal.signal(signal.SIGTERM, self._note_terminate)
+        self._end_on_stops()
         self.overrides = overrides
         key = overrides_key(overrides)
         if config.mlflow.get("registered_model_name") and config.mlflow.log_model:
@@ -221,6 +217,15 @@ class MlflowSweep(Callback):
         self.parent = None
         if self in _OPEN:
             _OPEN.remove(self)
+
+    def _end_on_stops(self) -> None:
+        """The parent ends KILLED on Ctrl-C and SIGTERM, FAILED on any other early exit."""
+        atexit.register(self._end_abandoned)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._note_interrupt)
+            # SLURM, Kubernetes and `timeout` send SIGTERM to the whole process group: the sweep
+            # stops as on Ctrl-C (joblib then ends its workers) instead of dying with its parent open.
+            signal.signal(signal.SIGTERM, self._note_terminate)
 
     def _note_interrupt(self, signum, frame) -> None:
         self.interrupted = True

@@ -13,7 +13,9 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
+from pathlib import Path
 from typing import NoReturn
 
 import hydra
@@ -21,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from visiontune import Stopped, Terminated, VisiontuneError, config, distributed, user_message
+from visiontune import Stopped, Terminated, VisiontuneError, config, distributed, redact, user_message
 
 log = logging.getLogger("visiontune")
 
@@ -44,6 +46,7 @@ def main(cfg: DictConfig) -> float | None:
     launch = distributed.Launch.from_env()
     rank = launch.rank if launch else 0
     _set_up_process(multirun, rank)
+    _redact_saved_config(multirun)
     try:
         if not multirun:  # a bad value is refused before any run is recorded (a sweep's job records it)
             _check_values(cfg, rank)
@@ -80,6 +83,23 @@ def _set_up_process(multirun: bool, rank: int) -> None:
             signal.signal(signal.SIGTERM, _terminate)
 
 
+def _redact_saved_config(multirun: bool) -> None:
+    """Hydra saved the config and the overrides as typed (.hydra/*.yaml, a sweep's multirun.yaml)
+    before this job started: a password in the tracking URI must not stay there in clear text."""
+    hydra = HydraConfig.get()
+    files = []
+    if hydra.output_subdir is not None:
+        files += Path(hydra.runtime.output_dir, hydra.output_subdir).glob("*.yaml")
+    if multirun:
+        files.append(Path(hydra.runtime.cwd, hydra.sweep.dir, "multirun.yaml"))
+    for file in files:
+        text = file.read_text() if file.is_file() else ""
+        if (safe := redact(text)) != text:
+            partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
+            partial.write_text(safe)
+            os.replace(partial, file)  # parallel jobs rewrite a sweep's file alike, never half of it
+
+
 def _interrupted(err: KeyboardInterrupt, launch: distributed.Launch | None, rank: int) -> NoReturn:
     """Ctrl-C (exit 130), SIGTERM (143) or a lost torchrun peer (1), said once."""
     if launch is not None and threading.current_thread() is threading.main_thread():
@@ -95,13 +115,32 @@ def _interrupted(err: KeyboardInterrupt, launch: distributed.Launch | None, rank
 
 
 def _check_values(cfg: DictConfig, rank: int) -> None:
-    """config.read; under torchrun every rank finds the same mistake, and rank 0 alone says it."""
+    """config.read and the paths it names; under torchrun every rank finds the same mistake, and
+    rank 0 alone says it."""
     try:
-        config.read(cfg)
+        settings = config.read(cfg)
+        if settings.resume is None:  # a resumed run trains on its own config's paths
+            _check_paths(settings, Path(HydraConfig.get().runtime.cwd))
     except VisiontuneError:
         if rank > 0:
             raise SystemExit(1) from None
         raise
+
+
+def _check_paths(settings: config.Settings, launch_dir: Path) -> None:
+    """The data folder's layout and the weights file, cheaply (no image opened, no torch): a wrong
+    path is answered in a second, before a run exists. What needs torch is checked in the run."""
+    from visiontune.data import folders  # its layout check needs no torch
+
+    data = settings.data
+    folders.check_layout((launch_dir / data.root).resolve(), downloads=bool(data.url))
+    weights = config.weights_file(settings.weights, settings.mode, launch_dir)
+    if weights is not None and not weights.is_file():
+        raise VisiontuneError(
+            f"model.weights={weights}: no such file. Pass a state-dict file saved from torchvision's "
+            f"{settings.model.arch} (1000 classes), model.weights=DEFAULT for torchvision's ImageNet "
+            f"weights, or mode=scratch."
+        )
 
 
 def _terminate(signum, frame) -> None:
@@ -180,12 +219,41 @@ def cli() -> None:
     multirun = bool({"-m", "--multirun"} & set(args))
     if multirun and launch is not None:
         _stop(launch, "error: -m/--multirun cannot run under torchrun: start the sweep without torchrun")
+    if launch is not None:
+        sys.argv += _torchrun_overrides(launch, args)
+    if problem := _unwritable_output(sys.argv[1:], multirun):
+        _stop(launch, f"error: {problem}")
     if multirun:
         _sweep()
         return
-    if launch is not None:
-        sys.argv += _torchrun_overrides(launch, args)
     main()
+
+
+# Where Hydra puts run folders when the command line does not say (the part of conf/train.yaml's
+# hydra.run.dir and hydra.sweep.dir before their ${now:...}).
+OUTPUT_KEYS = {False: ("hydra.run.dir", "outputs/runs"), True: ("hydra.sweep.dir", "outputs/multirun")}
+PRINT_ONLY = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
+
+
+def _unwritable_output(args: list[str], multirun: bool) -> str | None:
+    """Why Hydra could not write the run's folder, or None: Hydra itself answers with a traceback."""
+    if PRINT_ONLY & set(args):  # --help, --cfg job: Hydra writes no folder
+        return None
+    key, default = OUTPUT_KEYS[multirun]
+    given = [a.partition("=")[2].strip("'\"") for a in args if a.startswith(f"{key}=")]
+    value = given[-1] if given else default
+    existing = Path(value.split("${")[0] or ".").absolute()
+    while not existing.exists():  # Hydra creates the rest below the nearest folder that exists
+        existing = existing.parent
+    fix = f"pass {key}=PATH with a folder you can write, or launch from one"
+    if not existing.is_dir():
+        return f"{key}={value}: {existing} is a file, not a folder: {fix}"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"{key}={value}: cannot write in {existing} ({err.strerror or err}): {fix}"
+    return None
 
 
 def _stop(launch: distributed.Launch | None, message: str) -> None:

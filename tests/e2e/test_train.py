@@ -114,19 +114,21 @@ def test_start_up_to_the_first_training_batch_is_recorded(tmp_path, tiny_folder)
     assert printed and float(printed.group(1)) == pytest.approx(metric.value, abs=0.05)
 
 
+# Found in the run (reading headers, comparing splits): the run is recorded FAILED, with the reason.
+# What the CLI sees before a run exists (a missing root, val/ or weights file) leaves no run:
+# tests/e2e/test_bad_input.py.
 BAD_INPUTS = {
-    "missing root": (["data.root=/nonexistent/photos"], "data.root=/nonexistent/photos does not exist"),
-    "weights file": (["mode=feature_extract", "model.weights=/no/such.pth"], "no such file"),
+    "classes": "different class folders",
+    "corrupt": "cannot be read, e.g.",
 }
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_fails_clearly_and_keeps_the_store(workspace, tiny_folder, case):
-    overrides, message = BAD_INPUTS[case]
+def test_bad_input_fails_clearly_and_keeps_the_store(workspace, tmp_path, case):
+    message = BAD_INPUTS[case]
+    root = _broken_folder(tmp_path, case)
     before = snapshot(workspace)
-    result = run_cli(
-        workspace, f"data.root={tiny_folder}", "data=imagefolder", "mode=scratch", *FAST, *overrides
-    )
+    result = run_cli(workspace, f"data.root={root}", "data=imagefolder", "mode=scratch", *FAST)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
@@ -197,25 +199,27 @@ def _broken_folder(tmp_path, kind):
     return root
 
 
+# kind -> (what the error says, the status of the run it leaves: none where the layout shows it).
 FOLDER_PROBLEMS = {
-    "no val": "val is missing",
-    "classes": "different class folders",
-    "empty": "no images",
-    "corrupt": "bad.jpg",
+    "no val": ("val is missing", []),
+    "classes": ("different class folders", ["FAILED"]),
+    "empty": ("no images", []),
+    "corrupt": ("bad.jpg", ["FAILED"]),
 }
 
 
 @pytest.mark.parametrize("kind", FOLDER_PROBLEMS)
 def test_bad_folder_fails_clearly_and_keeps_the_store(workspace, tmp_path, kind):
     root = _broken_folder(tmp_path, kind)
+    message, recorded = FOLDER_PROBLEMS[kind]
     before = snapshot(workspace)
     result = run_cli(workspace, f"data.root={root}", "data=imagefolder", "mode=scratch", *FAST)
     assert result.returncode != 0
-    assert FOLDER_PROBLEMS[kind] in result.stderr
+    assert message in result.stderr
     assert "Traceback" not in result.stderr
     after = snapshot(workspace)
     assert {k: after[k] for k in before} == before
-    assert [after[k][0] for k in after.keys() - before.keys()] == ["FAILED"]
+    assert [after[k][0] for k in after.keys() - before.keys()] == recorded
 
 
 def test_skip_bad_images_trains_without_them(workspace, tmp_path):
@@ -505,7 +509,10 @@ def test_credentials_in_the_tracking_uri_are_never_recorded_or_printed(tmp_path,
             for path in logged
             for p in ([Path(path)] if Path(path).is_file() else Path(path).iterdir())
         ]
-    recorded = [result.stdout, result.stderr, str(run.data.tags), str(run.data.params), *texts]
+    # Hydra writes the config and overrides as typed into the run's folder: redacted there too.
+    local = [p.read_text() for p in (tmp_path / "outputs" / "runs").rglob("*.yaml")]
+    assert local, "the run's .hydra/ files"
+    recorded = [result.stdout, result.stderr, str(run.data.tags), str(run.data.params), *texts, *local]
     assert not [text for text in recorded if "s3cr3t" in text]
     assert run.data.tags["mlflow.tracking_uri"] == f"http://alice:***@127.0.0.1:{port}"
     assert any("alice:***@" in text for text in texts), (

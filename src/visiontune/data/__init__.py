@@ -5,74 +5,62 @@ images.py   one file to one model input: guarded decode, the transforms, normali
 loaders.py  samples to batches across epochs: datasets, order, caches, worker processes
 
 The names callers use are here too (`data.build_loaders`, `data.decode`, ...), as before the split.
+They are imported on first use: the CLI checks a folder's layout through folders.py before
+torch is imported (images.py and loaders.py import it), and a mistake is answered at once.
 """
 
-from visiontune.data.folders import (
-    SPLITS,
-    CheckedData,
-    Sample,
-    check_folder,
-    class_folders,
-    download,
-    drop_unreadable,
-    find_samples,
-    image_files,
-    prepare_root,
-    tree_digest,
-)
-from visiontune.data.images import (
-    DECODED_SIDE_FACTOR,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Normalizer,
-    TooManyPixels,
-    decode,
-    header_problem,
-    transforms,
-)
-from visiontune.data.loaders import (
-    PROJECT_AFTER,
-    EpochShuffle,
-    ImageFiles,
-    LoaderSettings,
-    ReplayLoader,
-    SkippingLoader,
-    build_loaders,
-    close,
-    collate,
-    decode_once,
-    replay_bytes,
-)
+import importlib
 
-__all__ = [
-    "DECODED_SIDE_FACTOR",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "PROJECT_AFTER",
-    "SPLITS",
-    "CheckedData",
-    "EpochShuffle",
-    "ImageFiles",
-    "LoaderSettings",
-    "Normalizer",
-    "ReplayLoader",
-    "Sample",
-    "SkippingLoader",
-    "TooManyPixels",
-    "build_loaders",
-    "check_folder",
-    "class_folders",
-    "close",
-    "collate",
-    "decode",
-    "decode_once",
-    "download",
-    "drop_unreadable",
-    "find_samples",
-    "header_problem",
-    "image_files",
-    "prepare_root",
-    "replay_bytes",
-    "transforms",
-    "tree_digest",
-]
+_MODULE_OF = {
+    "folders": (
+        "IMG_EXTENSIONS",
+        "SPLITS",
+        "CheckedData",
+        "Sample",
+        "check_folder",
+        "check_layout",
+        "class_folders",
+        "download",
+        "drop_unreadable",
+        "find_samples",
+        "image_files",
+        "prepare_root",
+        "tree_digest",
+    ),
+    "images": (
+        "DECODED_SIDE_FACTOR",
+        "IMAGENET_MEAN",
+        "IMAGENET_STD",
+        "Normalizer",
+        "TooManyPixels",
+        "decode",
+        "header_problem",
+        "transforms",
+    ),
+    "loaders": (
+        "PROJECT_AFTER",
+        "EpochShuffle",
+        "ImageFiles",
+        "LoaderSettings",
+        "ReplayLoader",
+        "SkippingLoader",
+        "build_loaders",
+        "close",
+        "collate",
+        "decode_once",
+        "replay_bytes",
+    ),
+}
+_WHERE = {name: module for module, names in _MODULE_OF.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

@@ -1,4 +1,7 @@
-"""Where the samples come from: the data folder downloaded and verified, its layout and images checked."""
+"""Where the samples come from: the data folder downloaded and verified, its layout and images checked.
+
+torch is not imported here at load time: the CLI checks a folder's layout (check_layout) before it is.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,18 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
 from visiontune import VisiontuneError
-from visiontune.data.images import TooManyPixels, header_problem
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+
+# torchvision.datasets.folder.IMG_EXTENSIONS, written out so that the layout check needs no torch
+# (tests/test_data_folders.py checks that they stay the same).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# Names a message lists before it says "and N more": 100,000 empty class folders stay one short line.
+LISTED = 10
 
 Sample = tuple[str, int]
 
@@ -25,12 +32,58 @@ def prepare_root(root: Path, url: str | None, md5: str | None, tree_sha256: str 
     if root.exists():
         return root
     if not url:
-        raise VisiontuneError(
-            f"data.root={root} does not exist. Point data.root at a folder holding train/ and val/ "
-            f"class folders (data.root=/path/to/images)."
-        )
+        raise _missing_root(root)
     download(url, root, md5, tree_sha256)
     return root
+
+
+def _missing_root(root: Path) -> VisiontuneError:
+    return VisiontuneError(
+        f"data.root={root} does not exist. Point data.root at a folder holding train/ and val/ "
+        f"class folders (data.root=/path/to/images)."
+    )
+
+
+def check_layout(root: Path, downloads: bool) -> None:
+    """The layout alone, cheaply (no image is opened): what the CLI checks before a run exists.
+
+    `root` exists (unless it `downloads` from data.url), train/ and val/ hold class folders, at
+    least two, and some of them hold image files. check_folder checks the rest in the run.
+    """
+    if not root.exists():
+        if downloads:
+            return
+        raise _missing_root(root)
+    for split in SPLITS:
+        classes = class_folders(root, split)
+        _check_class_count(root, classes)
+        if not any(_has_image(root / split / name) for name in classes):
+            raise _no_images(root / split, classes)
+
+
+def _has_image(folder: Path) -> bool:
+    return next(iter(_image_paths(folder)), None) is not None
+
+
+def _check_class_count(root: Path, classes: list[str]) -> None:
+    if len(classes) == 1:
+        raise VisiontuneError(
+            f"{root} holds one class, {classes[0]!r} (in {root / 'train'}): a classifier needs at least "
+            f"two. Add a folder per class to train/ and val/, or point data.root at another folder."
+        )
+
+
+def _no_images(folder: Path, classes: list[str]) -> VisiontuneError:
+    return VisiontuneError(
+        f"{folder} has class folders [{few(classes)}] but no images in them "
+        f"(extensions {', '.join(IMG_EXTENSIONS)}): put each class's images in {folder}/<class>/."
+    )
+
+
+def few(names: list[str]) -> str:
+    """The first LISTED names quoted, and how many more: a list a one-line message can hold."""
+    shown = ", ".join(repr(name) for name in names[:LISTED])
+    return shown if len(names) <= LISTED else f"{shown} and {len(names) - LISTED:,} more"
 
 
 def download(url: str, root: Path, md5: str | None, tree_sha256: str | None) -> None:
@@ -101,10 +154,11 @@ def find_samples(root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
         only_train = sorted(set(split_classes["train"]) - set(split_classes["val"]))
         only_val = sorted(set(split_classes["val"]) - set(split_classes["train"]))
         raise VisiontuneError(
-            f"train/ and val/ under {root} have different class folders: only in train {only_train}, "
-            f"only in val {only_val}. Both splits need the same class folders."
+            f"train/ and val/ under {root} have different class folders: only in train "
+            f"[{few(only_train)}], only in val [{few(only_val)}]. Both splits need the same class folders."
         )
     classes = split_classes["train"]
+    _check_class_count(root, classes)
     samples = {}
     for split in SPLITS:
         samples[split] = [
@@ -113,10 +167,7 @@ def find_samples(root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
             for path in image_files(root / split / name)
         ]
         if not samples[split]:
-            raise VisiontuneError(
-                f"{root / split} has class folders {classes} but no images in them "
-                f"(extensions {', '.join(IMG_EXTENSIONS)})."
-            )
+            raise _no_images(root / split, classes)
     return classes, samples
 
 
@@ -139,7 +190,11 @@ def image_files(folder: Path) -> list[Path]:
     Tools leave look-alike files there: Jupyter's .ipynb_checkpoints/ copies, macOS's ._name.jpg
     resource forks (which no decoder reads). Neither is a sample.
     """
-    return sorted(
+    return sorted(_image_paths(folder))
+
+
+def _image_paths(folder: Path):
+    return (
         path
         for path in folder.rglob("*")
         if path.suffix.lower() in IMG_EXTENSIONS
@@ -153,14 +208,17 @@ def _check_class_counts(root: Path, classes: list[str], samples: dict[str, list[
     empty = {split: _classes_without_samples(classes, samples[split]) for split in SPLITS}
     if empty["train"]:
         raise VisiontuneError(
-            f"class folder(s) {empty['train']} in {root / 'train'} have no readable images: a class "
+            f"class folder(s) [{few(empty['train'])}] in {root / 'train'} have no readable images: a class "
             f"needs training images. Add images there, or remove the folder from train/ and val/."
         )
     if not samples["val"]:
         raise VisiontuneError(f"{root / 'val'} has no readable images: put some in its class folders.")
-    for name in empty["val"]:
-        folder = root / "val" / name
-        log.warning("%s has no readable images: class %r trains but is never validated", folder, name)
+    if empty["val"]:
+        log.warning(
+            "class folder(s) [%s] in %s have no readable images: they train but are never validated",
+            few(empty["val"]),
+            root / "val",
+        )
 
 
 def _classes_without_samples(classes: list[str], samples: list[Sample]) -> list[str]:
@@ -172,6 +230,8 @@ def drop_unreadable(
     samples: list[Sample], skip: bool, max_image_pixels: int | None = None
 ) -> tuple[list[Sample], int]:
     """Check each image's header once; fail on the first bad file, or leave bad ones out."""
+    from visiontune.data.images import TooManyPixels, header_problem  # torch: not before the run
+
     good, bad = [], []
     for sample in samples:
         if (problem := header_problem(sample[0], max_image_pixels)) is None:
