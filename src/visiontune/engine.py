@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from tqdm import tqdm
 from visiontune import VisiontuneError, distributed
 from visiontune.frozen import BackboneCache, FrozenBackbone
 from visiontune.runtime import Runtime
+
+log = logging.getLogger("visiontune")
 
 if TYPE_CHECKING:
     from visiontune.models import PreparedModel
@@ -231,6 +234,8 @@ def fit(
     for epoch in range(progress.epoch + 1, training.epochs + 1):
         tic = time.perf_counter()
         split, cache, trained = phases.for_epoch(prepared.enter_epoch(epoch))
+        if prepared.unfreezes_at(epoch):  # said as the epoch starts, before its long wait
+            log.info("epoch %d: unfrozen, training %s", epoch, ", ".join(prepared.trainable))
         lrs = training.learning_rates()
         if hasattr(loaders["train"], "set_epoch"):
             loaders["train"].set_epoch(epoch)

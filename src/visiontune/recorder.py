@@ -169,8 +169,6 @@ class RunRecorder:
         """Its metrics (once: a continued run may re-train epochs MLflow holds), a console line, and
         every checkpoint.every_epochs epochs (and the last) a checkpoint."""
         metrics = epoch_metrics(r)
-        if self.training.model.unfreezes_at(r.epoch):
-            log.info("epoch %d: unfrozen, training %s", r.epoch, ", ".join(r.trainable))
         self.metrics.append(metrics)
         self._checkpoint(r.epoch, progress)
         if r.epoch not in self.logged:
@@ -284,8 +282,10 @@ def run_params(cfg: DictConfig, settings: Settings, setup: SetUp, device) -> dic
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("mlflow")
     checked, prepared = setup.checked, setup.prepared
-    trainable, total = prepared.parameter_counts()
     rates = optim.group_rates(prepared, settings.optim.lr, settings.optim.lr_decay)
+    total = prepared.parameter_counts()[1]
+    # What trains once every stage has begun: a staged run's first epochs train its head alone.
+    trainable = sum(p.numel() for name in rates for p in prepared.groups[name])
     world = distributed.world_size()
     return (
         store.flatten(resolved)

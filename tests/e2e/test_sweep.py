@@ -332,7 +332,15 @@ def test_the_four_mode_comparison_with_staged_unfreezing_and_one_cycle(
         for key in ("trainable_groups", "lr", "lr_early")
     }
     assert history["trainable_groups"] == [1, 4], "the stage changes at epoch 2"
-    assert "epoch 2: unfrozen, training early, middle, late, head" in result.stderr
+    # Said as epoch 2 begins, before its own result line; the count is what trains once unfrozen.
+    staged_lines = [line for line in result.stderr.splitlines() if line.startswith("#2 ")]  # job 2's console
+    said = [
+        i
+        for i, line in enumerate(staged_lines)
+        if "epoch 2: unfrozen, training early, middle, late, head" in line
+    ]
+    assert said and said[0] < next(i for i, line in enumerate(staged_lines) if "epoch 2/2" in line)
+    assert staged.data.params["trainable_params"] == children["finetune"].data.params["trainable_params"]
     assert staged.data.params["lr.head"] == "0.001" and staged.data.params["lr.early"] == "2.7e-05"
     # One-cycle steps every batch: the lr logged as each epoch began is the schedule's at that step.
     steps_per_epoch = 3  # 12 training images, batch 4
