@@ -84,7 +84,7 @@ def precision_for(requested: str, device: torch.device) -> torch.dtype | None:
 
     auto: bf16 on a CUDA GPU that has it, and on a CPU with bf16 instructions (AVX512-BF16 or
     AMX), where training measured x1.2 (alexnet) to x2.7 (squeezenet) faster than float32 for all
-    six models (README, Performance); float32 elsewhere, including CPUs that only emulate bf16.
+    six models (docs/performance.md); float32 elsewhere, including CPUs that only emulate bf16.
     """
     if requested != "auto":
         return AMP_DTYPES[requested]

@@ -95,7 +95,8 @@ def check_server(uri: str) -> None:
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as err:
         raise StoreError(
             f"cannot reach the MLflow server {redact(uri)} ({_connection_fault(err)}): start it "
-            f'(README, "A shared MLflow server") or point the tracking URI at one that runs '
+            f'(docs/how-to/scaling-out.md, "A shared MLflow server") or point the tracking URI at one '
+            f"that runs "
             f"(mlflow.tracking_uri=, --tracking-uri or $MLFLOW_TRACKING_URI)"
         ) from None
     if answer.status_code == 403 and "Host header" in answer.text:
@@ -166,8 +167,8 @@ def warn_if_network_store(uri: str, mounts_file: Path = Path("/proc/mounts")) ->
         log.warning(
             "the MLflow store %s is on a network filesystem (%s at %s), where SQLite's locks cannot be "
             "trusted: jobs writing to it from several machines fail with 'database is locked' or corrupt "
-            'it. Run an MLflow server and use mlflow.tracking_uri=http://HOST:5000 (README, "A shared '
-            'MLflow server").',
+            "it. Run an MLflow server and use mlflow.tracking_uri=http://HOST:5000 (docs/how-to/"
+            'scaling-out.md, "A shared MLflow server").',
             *(database, kind, point),
         )
 
