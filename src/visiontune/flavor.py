@@ -73,6 +73,8 @@ def save_model(path: str, mlflow_model: Model, classifier: Classifier, example: 
             signature=signature(),
             input_example=pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(example).decode()]}),
             pip_requirements=pip_requirements,
+            # The keys a loader may set (MLflow ignores others); null: the environment's or the default.
+            model_config=portable.LOAD_SETTINGS,
             metadata={METADATA_KEY: classifier.metadata() | {"format": portable.FORMAT}},
         )
 

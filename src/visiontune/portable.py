@@ -34,6 +34,9 @@ COLUMNS = ["class", "probability", "top_classes", "top_probabilities", "error"] 
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_REQUEST_PIXELS = 200_000_000
 PIXEL_SETTINGS = {"max_image_pixels": MAX_IMAGE_PIXELS, "max_request_pixels": MAX_REQUEST_PIXELS}
+# The model_config keys a loader may set (mlflow.pyfunc.load_model's model_config, or the server's
+# MLFLOW_PYFUNC_INFERENCE_CONFIG); saved in the MLmodel file, as MLflow passes on only those.
+LOAD_SETTINGS = {"device": None, "read_paths": False, "max_image_pixels": None, "max_request_pixels": None}
 SPEC_KEYS = {
     "format": int,
     "arch": str,
@@ -230,7 +233,8 @@ def settings(model_config: dict | None) -> dict:
     given = dict(model_config or {})
     chosen = {"device": given.get("device") or "cpu", "read_paths": bool(given.get("read_paths", False))}
     for key, default in PIXEL_SETTINGS.items():
-        value = given.get(key, os.environ.get(f"VISIONTUNE_{key.upper()}", default))
+        value = given.get(key)
+        value = os.environ.get(f"VISIONTUNE_{key.upper()}", default) if value is None else value
         try:
             chosen[key] = int(value)
         except (TypeError, ValueError):
