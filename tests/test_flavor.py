@@ -37,6 +37,8 @@ def test_the_saved_folder_holds_tensors_a_spec_and_its_own_loader(saved):
     assert "pytorch" not in Model.load(saved).flavors  # the pickle is not written at all
     state = torch.load(saved / "data" / "weights" / "weights.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
+    module = mlflow.pyfunc.load_model(str(saved)).get_raw_model()  # what mlflow.pytorch users had
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items())
 
 
 def test_one_bad_value_fails_its_row_only(saved):

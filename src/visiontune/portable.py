@@ -254,6 +254,11 @@ class ImageModel:
         self.classes = list(spec["classes"])
         self.preprocess = Preprocess(spec, self.device)
 
+    def get_raw_model(self):
+        """The torch module (normalised float batches in, logits out): what mlflow.pytorch.load_model
+        gave when the model was a pickle. `mlflow.pyfunc.load_model(uri).get_raw_model()`."""
+        return self.module
+
     def probabilities(self, images):
         """Class probabilities (N, classes) in float32 on the CPU, for a uint8 batch (N, 3, S, S)."""
         import torch
