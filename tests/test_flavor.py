@@ -13,7 +13,7 @@ import torch
 from mlflow.models import Model
 from PIL import Image
 
-from helpers import classifier_for, huge_png
+from helpers import ARCHS, classifier_for, huge_png, input_size_for, like_trained, prepare_model
 from visiontune import VisiontuneError, flavor
 
 
@@ -119,3 +119,22 @@ def test_a_pickled_model_loads_only_where_the_user_trusts_the_store(pickled, mon
     assert flavor.load(str(pickled), "").classes == ["ants", "bees"]
     answer = mlflow.pyfunc.load_model(str(pickled)).predict(pd.DataFrame({"image": [_jpeg()]}))
     assert answer["class"][0] in {"ants", "bees"}
+
+
+@pytest.mark.parametrize("mode", ["scratch", "finetune"])
+@pytest.mark.parametrize("name", ARCHS)
+def test_every_architecture_is_rebuilt_from_its_tensors_and_spec_alone(name, mode, standin_weights, tmp_path):
+    """Builder arguments differ by mode (inception's transform_input): the rebuilt module must
+    compute what the trained one did, from the files a logged model holds."""
+    from visiontune import portable
+    from visiontune.classifier import Classifier
+
+    size = input_size_for(name)
+    prepared = prepare_model(name, mode, standin_weights)
+    module = like_trained(prepared.module, size)
+    classifier = Classifier(module, ["ants", "bees"], size, name, prepared.spec.arch)
+    portable.save(tmp_path, module, classifier.spec())
+    rebuilt = portable.load_module(tmp_path, portable.read_spec(tmp_path))
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), module(images))
