@@ -138,3 +138,31 @@ def test_every_architecture_is_rebuilt_from_its_tensors_and_spec_alone(name, mod
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images), module(images))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"mean": [0.5, 0.5]}, "mean and std must be 3 numbers"),
+        ({"std": [0.2, 0, 0.2]}, "std none of them 0"),
+        ({"input_size": 0}, "input_size must be 1 or more"),
+        ({"heads": [3]}, "heads a list of module paths"),
+        ({"arch": "no_such_net"}, "cannot build 'no_such_net'"),
+        ({"builder_kwargs": {"no_such_argument": 1}}, "cannot build"),
+        ({"classes": ["ants", "bees", "wasps"]}, "does not fit squeezenet1_0"),
+        ({"format": 1}, "format 1, this code reads format 2"),
+    ],
+)
+def test_a_spec_that_does_not_fit_is_refused_in_one_line(saved, tmp_path, change, message):
+    import json
+    import shutil
+
+    from visiontune import portable
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved, folder)
+    spec_file = folder / "data" / "weights" / portable.SPEC_FILE
+    spec_file.write_text(json.dumps(json.loads(spec_file.read_text()) | change))
+    with pytest.raises(VisiontuneError, match=message) as refused:
+        flavor.load(str(folder), "")
+    assert len(str(refused.value).splitlines()) == 1

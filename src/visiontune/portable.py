@@ -84,6 +84,14 @@ def read_spec(data_dir: Path) -> dict:
         raise ModelFileError(f"{path}: format {spec['format']}, this code reads format {FORMAT}")
     if not spec["classes"] or not all(isinstance(c, str) for c in spec["classes"]):
         raise ModelFileError(f"{path}: classes must be a non-empty list of names")
+    numbers = [spec[key] for key in ("mean", "std")]
+    if (
+        any(len(n) != 3 or not all(isinstance(x, int | float) for x in n) for n in numbers)
+        or 0 in spec["std"]
+    ):
+        raise ModelFileError(f"{path}: mean and std must be 3 numbers each, std none of them 0")
+    if spec["input_size"] < 1 or not all(isinstance(h, str) for h in spec["heads"]):
+        raise ModelFileError(f"{path}: input_size must be 1 or more, heads a list of module paths")
     return spec
 
 
