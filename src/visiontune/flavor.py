@@ -103,8 +103,10 @@ def read_directory(directory: Path) -> Classifier:
     source = {"run_id": logged.run_id or "", "model_id": logged.model_id or ""}
     pyfunc = logged.flavors.get("python_function") or {}
     if pyfunc.get("loader_module") == CODE_MODULE:
-        data_dir = directory / str(pyfunc.get("data") or "data")
+        data_dir = (directory / str(pyfunc.get("data") or "data")).resolve()
         try:
+            if not data_dir.is_relative_to(directory.resolve()):  # MLmodel's data: ../../elsewhere
+                raise portable.ModelFileError(f"its data folder {data_dir} lies outside the model")
             spec = portable.read_spec(data_dir)
             module = portable.load_module(data_dir, spec)
         except portable.ModelFileError as err:
