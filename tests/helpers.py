@@ -350,3 +350,22 @@ def predict_here(cwd: Path, *args: str, monkeypatch, capsys) -> tuple[int, str, 
     code = predict.main(list(args))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def huge_png(width: int = 13_000, height: int = 13_000) -> bytes:
+    """A PNG whose header claims width x height RGB pixels, in a few dozen bytes: what a decoder
+    would inflate to width * height * 3 bytes. Its pixel data is cut short; only its size matters."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        body = kind + payload
+        return struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )

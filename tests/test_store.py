@@ -107,7 +107,7 @@ def test_logged_model_is_torch_and_an_image_pyfunc_with_its_class_names(experime
         store.log_model(Classifier(model, classes, 64, "resnet", "resnet18"), jpeg.getvalue())
     mlflow.set_tracking_uri(uri)
     model_uri = f"runs:/{run.info.run_id}/model"
-    loaded = mlflow.pytorch.load_model(model_uri)
+    loaded = store.load_model(model_uri)
     with torch.no_grad():
         torch.testing.assert_close(loaded(inputs), expected)  # any batch size, same numbers
     info = mlflow.models.get_model_info(model_uri)

@@ -6,20 +6,14 @@ transform, data.Normalizer), so a logged model scores its own val split as the r
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
-import io
-import os
-import stat
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from PIL import UnidentifiedImageError
 
-from visiontune import data
+from visiontune import VisiontuneError, data, portable
 
 
 @dataclass
@@ -42,6 +36,20 @@ class Classifier:
         """What the logged model's MLmodel file records beside the weights."""
         keys = ("classes", "input_size", "model", "arch")
         return {k: getattr(self, k) for k in keys} | {"mean": list(self.mean), "std": list(self.std)}
+
+    def spec(self) -> dict:
+        """What rebuilds the module without unpickling it (portable.py): the metadata, the builder's
+        arguments and the head paths that models.build_model recorded on the module."""
+        build = getattr(self.module, portable.BUILD_ATTRIBUTE, None)
+        if not isinstance(build, dict):
+            raise VisiontuneError(
+                f"this {type(self.module).__name__} was not built by visiontune.models.build_model, so "
+                "its builder arguments and head paths are unknown and it cannot be logged"
+            )
+        return self.metadata() | {
+            "builder_kwargs": dict(build["builder_kwargs"]),
+            "heads": list(build["heads"]),
+        }
 
     @classmethod
     def from_metadata(cls, module: torch.nn.Module, meta: dict, **source: str) -> Classifier:
@@ -81,58 +89,6 @@ class Classifier:
 def top_k(probabilities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest probabilities per row and their class indices, best first."""
     return torch.topk(probabilities, min(k, probabilities.shape[1]), dim=1)
-
-
-# --- images given as values (a request, a DataFrame) ----------------------------------------------
-
-
-def decode_value(value, row: int, max_image_pixels: int | None = None) -> torch.Tensor:
-    """An image given as a path, raw encoded bytes, or a base64 string, decoded to uint8 RGB."""
-    if isinstance(value, str) and _looks_like_path(value):
-        if not stat.S_ISREG(os.stat(value).st_mode):
-            # Opening a FIFO waits for a writer forever, and a device such as /dev/zero never ends.
-            raise ValueError(f"row {row}: {value} is not a regular file (a FIFO, a device or a socket)")
-        return data.decode(value, max_image_pixels)
-    if isinstance(value, str):
-        value = _base64(value, row)
-    if not isinstance(value, bytes | bytearray | memoryview):
-        raise ValueError(
-            f"row {row}: expected a path, image bytes or a base64 string, got {type(value).__name__}"
-        )
-    try:
-        return data.decode(io.BytesIO(bytes(value)), max_image_pixels, name=f"row {row}")
-    except UnidentifiedImageError as err:
-        raise ValueError(f"row {row}: {len(value):,} bytes that are not an image PIL can read") from err
-
-
-def _looks_like_path(value: str) -> bool:
-    return len(value) < 4096 and os.path.exists(value)
-
-
-def _base64(value: str, row: int) -> bytes:
-    text = value.split(",", 1)[1] if value.startswith("data:") else value  # a data: URL
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as err:
-        shown = value if len(value) <= 60 else value[:57] + "..."
-        raise ValueError(f"row {row}: {shown!r} is neither an existing file nor base64 image data") from err
-
-
-def classify_values(classifier: Classifier, values: Sequence, batch_size: int = 64) -> list[tuple]:
-    """(probabilities, None) or (None, why it could not be read) for each value, in order."""
-    results: list[tuple] = [None] * len(values)
-    for start in range(0, len(values), batch_size):
-        rows, images = [], []
-        for row in range(start, min(start + batch_size, len(values))):
-            try:
-                images.append(classifier.transform(decode_value(values[row], row)))
-                rows.append(row)
-            except (ValueError, OSError, SyntaxError, data.TooManyPixels) as err:
-                results[row] = (None, str(err))
-        if images:
-            for row, probabilities in zip(rows, classifier.probabilities(torch.stack(images)), strict=True):
-                results[row] = (probabilities, None)
-    return results
 
 
 # --- images given as files, decoded by loader workers ----------------------------------------------

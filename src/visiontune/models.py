@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision import models as tv_models
 
-from visiontune import VisiontuneError
+from visiontune import VisiontuneError, portable
 from visiontune.config import HEAD_GROUP, Mode, ModelSpec
 
 IMAGENET_CLASSES = 1000
@@ -156,7 +156,16 @@ def _norms_of(module: nn.Module, params: list[nn.Parameter]) -> tuple[nn.Module,
 
 
 def build_model(spec: ModelSpec, num_classes: int, weights: Weights | None) -> nn.Module:
-    """`spec.arch` with `weights` (random init when None) and fresh `num_classes` heads."""
+    """`spec.arch` with `weights` (random init when None) and fresh `num_classes` heads, carrying
+    what a logged model needs to be rebuilt from its tensors alone (classifier.spec, portable.py)."""
+    model = _built(spec, num_classes, weights)
+    # The weights API's builder arguments are the pretrained ones (conf/model/inception.yaml).
+    kwargs = spec.scratch_kwargs if weights is None else spec.pretrained_kwargs
+    setattr(model, portable.BUILD_ATTRIBUTE, {"builder_kwargs": dict(kwargs), "heads": list(spec.heads)})
+    return model
+
+
+def _built(spec: ModelSpec, num_classes: int, weights: Weights | None) -> nn.Module:
     if weights is not None and weights.kind == "mlflow":
         return _from_logged_model(spec, weights.name, num_classes)
     if weights is None:
@@ -245,18 +254,9 @@ def _read_state_dict(path: Path, arch: str, model: nn.Module) -> dict[str, torch
 
 
 def replace_head(model: nn.Module, path: str, num_classes: int) -> None:
-    """Swap the layer at module path `path` for a freshly initialised `num_classes` one."""
+    """Swap the layer at module path `path` for a freshly initialised `num_classes` one (the same
+    swap a logged model's own code makes when it is rebuilt)."""
     try:
-        old = model.get_submodule(path)
-    except AttributeError as err:
-        raise VisiontuneError(f"{type(model).__name__} has no head at module path {path!r}") from err
-    if isinstance(old, nn.Linear):
-        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-    elif isinstance(old, nn.Conv2d):
-        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size, stride=old.stride)
-    else:
-        raise VisiontuneError(
-            f"head {path!r} is a {type(old).__name__}; visiontune replaces Linear and Conv2d heads"
-        )
-    parent_path, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), name, new)
+        portable.replace_head(model, path, num_classes)
+    except portable.ModelFileError as err:
+        raise VisiontuneError(str(err)) from None

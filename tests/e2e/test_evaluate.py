@@ -65,7 +65,7 @@ def test_evaluation_scores_the_model_as_its_pyfunc_and_its_training_run_do(train
     # What the logged model says through MLflow's own pyfunc, compared with the folder's truth.
     val = sorted((tiny_folder / "val").glob("*/*.jpg"))
     mlflow.set_tracking_uri(trained.uri)
-    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/model", model_config={"read_paths": True})
     said = pyfunc.predict(pd.DataFrame({"image": [str(p) for p in val]}))
     accuracy = sum(c == p.parent.name for c, p in zip(said["class"], val, strict=True)) / len(val)
     assert accuracy == pytest.approx(trained.run.data.metrics["best_val_acc"], abs=1e-9)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import background_server, cli_env, free_port, predict_here, run_cli
+from helpers import background_server, cli_env, free_port, huge_png, predict_here, run_cli
 
 CHAMPION = "models:/ants@champion"
 
@@ -135,7 +135,7 @@ def test_the_pyfunc_takes_paths_bytes_and_base64_alike(tiny_sweep, champion, mon
 
     _, val, _ = champion
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_sweep.store}")
-    model = mlflow.pyfunc.load_model(CHAMPION)
+    model = mlflow.pyfunc.load_model(CHAMPION, model_config={"read_paths": True})  # the Python API's choice
     assert model.metadata.metadata["visiontune"]["classes"] == ["ants", "bees"]
     raw = [p.read_bytes() for p in val[:3]]
     given = {
@@ -167,7 +167,7 @@ def test_the_pyfunc_marks_a_fifo_or_device_path_unreadable_without_opening_it(
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_sweep.store}")
-    model = mlflow.pyfunc.load_model(CHAMPION)
+    model = mlflow.pyfunc.load_model(CHAMPION, model_config={"read_paths": True})
 
     def hung(*_):
         pytest.fail("the pyfunc opened a FIFO or a device and waited")  # no OSError: rows catch those
@@ -233,20 +233,29 @@ def test_mlflow_models_serve_answers_with_class_names(tiny_sweep, champion, tmp_
 def test_a_served_model_answers_in_valid_json_an_unreadable_row_and_a_bad_top_k(
     tiny_sweep, champion, tmp_path
 ):
-    """An image that does not decode is a row of nulls with its error, beside the others' answers;
-    top_k below 1 is one 400 answer that names it, not a stack trace."""
+    """An image that does not decode, a value that is not base64, an image whose header claims too
+    many pixels and a server-side path are each a row of nulls with its error, beside the others'
+    answers; top_k below 1 is one 400 answer that names it, not a stack trace."""
     _, val, _ = champion
     images = [base64.b64encode(val[0].read_bytes()).decode(), base64.b64encode(b"GIF89a broken").decode()]
     with served(tiny_sweep, tmp_path) as url:
         status, answer = invoke(url, images, top_k=1)
         refused = {k: invoke(url, images[:1], top_k=k) for k in (0, -1)}
-    assert status == 200
+        odd_status, odd = invoke(
+            url, [images[0], "not base64 !", base64.b64encode(huge_png()).decode(), str(val[0])], 1
+        )
+    assert status == 200 and odd_status == 200, odd
+    odd = odd["predictions"]
     good, bad = answer["predictions"]
     assert good["class"] in {"ants", "bees"} and good["error"] is None
     assert {k: bad[k] for k in ("class", "probability", "top_classes", "top_probabilities")} == dict.fromkeys(
         ("class", "probability", "top_classes", "top_probabilities")
     )
     assert "row 1" in bad["error"] and "not an image" in bad["error"]
+    assert "row 1" in odd[1]["error"] and "not base64" in odd[1]["error"], "decoded by us, row by row"
+    assert "row 2" in odd[2]["error"] and "169,000,000 pixels" in odd[2]["error"], "refused from its header"
+    assert "row 3" in odd[3]["error"] and "not base64" in odd[3]["error"], "a path on the server is not read"
+    assert odd[0]["error"] is None and odd[0]["class"] in {"ants", "bees"}
     for k, (status, answer) in refused.items():
         assert status == 400, answer
         assert f"top_k={k}" in answer["message"] and "1 or more" in answer["message"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import FAST, after_first_epoch, make_image_folder, run_cli, store_runs
+from visiontune import store
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def weights(cwd, run) -> dict:
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")
-    return mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model").state_dict()
+    return store.load_model(f"runs:/{run.info.run_id}/model").state_dict()
 
 
 @pytest.fixture(scope="module")

@@ -113,11 +113,11 @@ def test_two_ranks_record_one_run_in_one_folder_with_one_process_val_accuracy(
 def one_process_val_acc(run_id: str, cwd: Path, root: Path) -> float:
     import mlflow
 
-    from visiontune import data, engine
+    from visiontune import data, engine, store
     from visiontune.runtime import Runtime
 
     mlflow.set_tracking_uri(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")
-    module = mlflow.pytorch.load_model(f"runs:/{run_id}/model")  # takes normalised tensors
+    module = store.load_model(f"runs:/{run_id}/model")  # takes normalised tensors
     _, samples = data.find_samples(root)
     settings = data.LoaderSettings(input_size=64, batch_size=4, num_workers=0, seed=0, skip_bad=True)
     cpu = torch.device("cpu")

@@ -48,7 +48,7 @@ def test_run_records_params_metrics_and_a_loadable_model(workspace, tiny_folder)
     import mlflow
     import torch
 
-    from visiontune import data
+    from visiontune import data, store
 
     (run,) = store_runs(workspace / "outputs" / "mlflow.db")
     assert run.info.status == "FINISHED"
@@ -74,7 +74,7 @@ def test_run_records_params_metrics_and_a_loadable_model(workspace, tiny_folder)
 
     # The logged model is the best model: evaluated on the val folder it scores best_val_acc.
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'outputs' / 'mlflow.db'}")
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model").eval()
+    model = store.load_model(f"runs:/{run.info.run_id}/model").eval()
     _, samples = data.find_samples(tiny_folder)
     settings = data.LoaderSettings(input_size=64, batch_size=100, num_workers=0, seed=0)
     images, labels = next(iter(data.build_loaders(samples, settings)["val"]))
@@ -553,6 +553,8 @@ def test_fine_tune_a_logged_model_on_data_with_more_classes(workspace, tmp_path)
     import mlflow
     import torch
 
+    from visiontune import store
+
     # The workspace's first run: FINISHED, with its model logged (later tests add other runs).
     source = min(store_runs(workspace / "outputs" / "mlflow.db"), key=lambda r: r.info.start_time)
     three = make_image_folder(tmp_path / "three", {"train": 3, "val": 2}, classes=("ants", "bees", "wasps"))
@@ -564,8 +566,8 @@ def test_fine_tune_a_logged_model_on_data_with_more_classes(workspace, tmp_path)
     assert new.data.params["num_classes"] == "3"
     assert new.data.params["model.weights"] == f"runs:/{source.info.run_id}/model"
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'outputs' / 'mlflow.db'}")
-    old = mlflow.pytorch.load_model(f"runs:/{source.info.run_id}/model").state_dict()
-    tuned = mlflow.pytorch.load_model(f"runs:/{new.info.run_id}/model").state_dict()
+    old = store.load_model(f"runs:/{source.info.run_id}/model").state_dict()
+    tuned = store.load_model(f"runs:/{new.info.run_id}/model").state_dict()
     assert tuned["classifier.1.weight"].shape[0] == 3
     backbone = [k for k in old if not k.startswith("classifier.1.")]
     assert all(torch.equal(old[k], tuned[k]) for k in backbone), "the frozen backbone is the logged one"

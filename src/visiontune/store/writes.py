@@ -299,27 +299,16 @@ def add_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = 
     return "/".join(p for p in (artifact_uri, artifact_path, path.name) if p)
 
 
-class _KnownPickleChoice(logging.Filter):
-    """Drops MLflow's advice to use 'pt2' on every run: we chose pickle on purpose (see log_model)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "serialization_format" not in record.getMessage()
-
-
-_PICKLE_CHOICE = _KnownPickleChoice()
-
-
 def log_model(classifier, example: bytes, registered_name: str | None = None) -> str:
-    """Log a CPU copy of the classifier (PyTorch and image pyfunc flavours, see flavor.py) with an
-    encoded image as its input example; registered as a new version of `registered_name` if given.
-    Returns the model's URI."""
+    """Log a CPU copy of the classifier (its tensors, its spec and the image pyfunc that rebuilds it,
+    see flavor.py) with an encoded image as its input example; registered as a new version of
+    `registered_name` if given. Returns the model's URI."""
     import torch
     import torchvision
     from mlflow.models import Model
 
     from visiontune import flavor
 
-    logging.getLogger("mlflow.pytorch").addFilter(_PICKLE_CHOICE)  # adding it twice is a no-op
     with _writing("save the model"), _installed_requirements_trusted():
         info = Model.log(
             artifact_path=None,  # MLflow 3 names models; the positional path is deprecated
@@ -329,12 +318,13 @@ def log_model(classifier, example: bytes, registered_name: str | None = None) ->
             example=example,
             registered_model_name=registered_name or None,
             # Stated, not inferred: inference would start a new Python that imports torch again.
-            # visiontune itself must be installed where the pyfunc is loaded (it holds the loader).
+            # What the model's own code (portable.py) imports; visiontune is not among them.
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",
                 f"torchvision=={torchvision.__version__.split('+')[0]}",
                 f"pillow=={_version('pillow')}",
                 f"pandas=={_version('pandas')}",
+                f"numpy=={_version('numpy')}",
             ],
         )
     return info.model_uri
@@ -392,11 +382,19 @@ def register_model(uri: str, run_id: str, name: str, alias: str | None = None) -
 
 
 def load_model(uri: str):
-    """The PyTorch module of a logged model (runs:/<id>/model, models:/<name>/<version or @alias>)."""
+    """The PyTorch module of a logged model (runs:/<id>/model, models:/<name>/<version or @alias>),
+    rebuilt from its tensors (flavor.py): nothing in it is unpickled."""
+    from visiontune import flavor
+
+    where = redact(mlflow.get_tracking_uri())
     try:
-        return mlflow.pytorch.load_model(uri, map_location="cpu")
+        local = mlflow.artifacts.download_artifacts(uri)
     except Exception as err:
         raise VisiontuneError(
-            f"model.weights={uri}: cannot load that MLflow model from {redact(mlflow.get_tracking_uri())} "
+            f"model.weights={uri}: cannot load that MLflow model from {where} "
             f"({_root_cause(err)}). Check the run id or model name (visiontune-ui shows them)."
         ) from err
+    try:
+        return flavor.read_directory(Path(local)).module
+    except VisiontuneError as err:
+        raise VisiontuneError(f"model.weights={uri}: {err}") from None
