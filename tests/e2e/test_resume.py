@@ -97,6 +97,9 @@ def test_a_killed_run_resumes_into_the_same_run_and_ends_exactly_as_an_uninterru
     assert all(torch.equal(got[k], expected_weights[k]) for k in expected_weights), "bit-identical weights"
 
 
+# SIGTERM's exit code and resume command, resume=last and a refused key run by default in the tests
+# below (interrupted again and again; killed before its first checkpoint; another group); -m slow.
+@pytest.mark.slow
 def test_sigterm_stops_with_143_then_resume_last_continues_it(tmp_path, folder):
     import os
 
@@ -223,7 +226,13 @@ def stopped(tmp_path_factory, folder):
     return cwd, run
 
 
-@pytest.mark.parametrize("group", ["model=alexnet", "optimizer=adam", "mode=finetune"])
+@pytest.mark.parametrize(
+    "group",
+    [
+        "model=alexnet",
+        *(pytest.param(g, marks=pytest.mark.slow) for g in ("optimizer=adam", "mode=finetune")),
+    ],
+)
 def test_a_resume_that_chooses_another_group_is_refused(stopped, group):
     cwd, run = stopped
     refused = run_cli(cwd, f"resume={run.info.run_id}", group)
