@@ -163,7 +163,7 @@ def decode(source, max_pixels: int | None, name: str):
             if max_pixels is not None and pixels > max_pixels:
                 raise TooManyPixels(f"{name}: {pixels:,} pixels, over the limit of {max_pixels:,} per image")
             ImageOps.exif_transpose(image, in_place=True)
-            return v2.PILToTensor()(_to_rgb(image))
+            return v2.PILToTensor()(to_rgb(image))
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 
@@ -179,7 +179,7 @@ def header_pixels(data: bytes) -> int:
         return 0
 
 
-def _to_rgb(image):
+def to_rgb(image):
     """8-bit RGB; 16-bit greys are scaled down, where convert("RGB") clips them at 255."""
     import numpy as np
     from PIL import Image

@@ -70,17 +70,6 @@ class NullRecorder:
     def epoch_ended(self, r: engine.EpochReport, progress: engine.Progress) -> None:
         pass
 
-    def _moved_to(self, folder) -> None:
-        """After a checkpoint is written: the run's tag points at its folder, and an earlier
-        attempt's checkpoint (now behind this one) is removed: seven interruptions leave one."""
-        if self.tagged == folder:
-            return
-        store.set_tags({tags.CHECKPOINT: str(folder)})
-        self.tagged = folder
-        earlier = self.continued.folder
-        if earlier is not None and earlier.resolve() != folder.resolve():
-            checkpoint.remove(earlier)
-
     def finished(self, result: engine.FitResult, setup: SetUp, skipped: int) -> None:
         pass
 

@@ -11,12 +11,11 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from visiontune import VisiontuneError, augment
+from visiontune import VisiontuneError, augment, portable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,16 +76,8 @@ def decode(source: str | BinaryIO, max_image_pixels: int | None = None, name: st
         return _to_uint8(_to_rgb(image))
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB; 16-bit greys are scaled down, where convert("RGB") clips them at 255."""
-    if image.mode == "I" or image.mode.startswith("I;16"):
-        values = np.asarray(image, dtype=np.float32)
-        low, high = 0.0, 65535.0
-        if values.min() < low or values.max() > high:  # 32-bit data, not from a 16-bit file
-            low, high = float(values.min()), float(values.max())
-        scaled = (values - low) * (255.0 / max(high - low, 1.0))
-        image = Image.fromarray(scaled.round().astype(np.uint8))
-    return image.convert("RGB")
+# 16-bit greys scaled down to 8 bits: the logged model's loader does it, and training must alike.
+_to_rgb = portable.to_rgb
 
 
 def header_problem(path: str, max_image_pixels: int | None) -> Exception | None:
