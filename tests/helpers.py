@@ -369,3 +369,14 @@ def huge_png(width: int = 13_000, height: int = 13_000) -> bytes:
         + chunk(b"IDAT", zlib.compress(b""))
         + chunk(b"IEND", b"")
     )
+
+
+def val_batches(model_name: str, n_batches: int = 3):
+    """Random batches of two images at the model's input size, the same on every call."""
+    import torch
+
+    size = input_size_for(model_name)
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(2, 3, size, size, generator=generator), torch.tensor([0, 1])) for _ in range(n_batches)
+    ]

@@ -8,19 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import cpu_training, input_size_for, prepare_model, tiny_prepared
+from helpers import cpu_training, prepare_model, tiny_prepared, val_batches
 from visiontune import engine
 from visiontune.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), normalize=nn.Identity())
-
-
-def val_batches(model_name: str, n_batches: int = 3):
-    size = input_size_for(model_name)
-    generator = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(2, 3, size, size, generator=generator), torch.tensor([0, 1])) for _ in range(n_batches)
-    ]
 
 
 def test_tallies_average_over_images_not_batches():
