@@ -114,8 +114,9 @@ def store_runs(store: Path, experiment: str = "visiontune"):
     return client.search_runs([exp.experiment_id], max_results=1000)
 
 
-def has_metric(store: Path, key: str) -> bool:
-    """Whether any run in the store has logged `key`, read without MLflow.
+def count_in_store(store: Path, query: str, *params) -> int:
+    """The number `query` (a SELECT COUNT) finds in the SQLite store at `store`, read without MLflow;
+    0 before the store or its tables exist.
 
     An MLflow client would create or migrate the store while the process under test is doing
     the same; a read-only SQLite connection changes nothing.
@@ -123,12 +124,17 @@ def has_metric(store: Path, key: str) -> bool:
     import sqlite3
 
     if not store.exists():
-        return False
+        return 0
     try:
         with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as db:
-            return db.execute("SELECT 1 FROM metrics WHERE key = ? LIMIT 1", (key,)).fetchone() is not None
-    except sqlite3.Error:  # no metrics table yet
-        return False
+            return db.execute(query, params).fetchone()[0]
+    except sqlite3.Error:  # no tables yet
+        return 0
+
+
+def has_metric(store: Path, key: str) -> bool:
+    """Whether any run in the store has logged `key`."""
+    return count_in_store(store, "SELECT COUNT(*) FROM metrics WHERE key = ?", key) > 0
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from helpers import FAST, after_first_epoch, make_image_folder, run_cli, store_runs
+from helpers import FAST, after_first_epoch, count_in_store, make_image_folder, run_cli, store_runs
 from visiontune import store
 
 
@@ -143,18 +143,8 @@ def test_sigterm_stops_with_143_then_resume_last_continues_it(tmp_path, folder):
 
 
 def epochs_logged(store) -> int:
-    """How many epochs the store's runs have logged together (val_acc values: one per run and epoch),
-    read without MLflow (see helpers.has_metric)."""
-    import contextlib
-    import sqlite3
-
-    if not store.exists():
-        return 0
-    try:
-        with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as db:
-            return db.execute("SELECT COUNT(*) FROM metrics WHERE key = 'val_acc'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+    """How many epochs the store's runs have logged together (val_acc values: one per run and epoch)."""
+    return count_in_store(store, "SELECT COUNT(*) FROM metrics WHERE key = 'val_acc'")
 
 
 def stopped_after(cwd, args, epochs: int, prefix=(), how=signal.SIGTERM) -> tuple[int, str]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import FAST, interrupt_once_training, run_cli, store_runs
+from helpers import FAST, count_in_store, interrupt_once_training, run_cli, store_runs
 
 
 def sweep(cwd, tiny_folder, *extra, workers=0):
@@ -225,17 +225,8 @@ def test_a_killed_joblib_worker_stops_the_sweep_in_one_line_with_nothing_left_ru
 
 
 def _finished_runs(store) -> int:
-    """How many runs the store holds as FINISHED, read without MLflow (nothing is migrated)."""
-    import contextlib
-    import sqlite3
-
-    if not store.exists():
-        return 0
-    try:
-        with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as db:
-            return db.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+    """How many runs the store holds as FINISHED (read without MLflow: nothing is migrated)."""
+    return count_in_store(store, "SELECT count(*) FROM runs WHERE status = 'FINISHED'")
 
 
 def test_a_killed_sweep_resumed_with_resume_last_trains_only_what_is_left(tmp_path, tiny_folder):
