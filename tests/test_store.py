@@ -251,8 +251,13 @@ def test_a_server_lost_during_a_run_is_named_with_the_socket_error(monkeypatch):
     monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)  # restored for the next tests
     down = f"http://127.0.0.1:{free_port()}"
     mlflow.set_tracking_uri(down)
-    with pytest.raises(store.StoreError) as failed:
-        store.end_run("0" * 32, "FAILED", "stopped")
+    try:
+        with pytest.raises(store.StoreError) as failed:
+            store.end_run("0" * 32, "FAILED", "stopped")
+        assert store.outage.gone_since() is not None, "a server that did not answer is taken as gone"
+    finally:
+        store.outage.answered()  # this process's later tests meet a store that answers
     message = str(failed.value)
-    assert f"cannot end the run in the MLflow server {down}: Connection refused." in message, message
+    assert f"of MLflow run {'0' * 32} in the MLflow server {down}: Connection refused" in message, message
+    assert f"resume={'0' * 32}" in message, "how to go on once the server is back"
     assert "HTTPConnectionPool" not in message

@@ -12,7 +12,7 @@ Its modules, each importing only those above it:
 Callers use `store.<name>` for what is re-exported here, and `store.tags.<NAME>` for tag keys.
 """
 
-from visiontune.store import tags
+from visiontune.store import outage, tags
 from visiontune.store.interrupts import deferred_interrupt, hold_during_writes
 from visiontune.store.location import (
     StoreError,
@@ -94,6 +94,7 @@ __all__ = [
     "set_tags",
     "shorten",
     "sqlite_path",
+    "outage",
     "tags",
     "this_process",
     "tracked_run",

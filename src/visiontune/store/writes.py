@@ -20,7 +20,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from visiontune import CAUSE_LIMIT, VisiontuneError, redact, user_message
-from visiontune.store import tags
+from visiontune.store import outage, tags
 from visiontune.store.interrupts import deferred_interrupt
 from visiontune.store.location import _ERRNO, StoreError, is_server, open_store, sqlite_path
 
@@ -42,11 +42,13 @@ def _writing(what: str) -> Iterator[None]:
         with deferred_interrupt():
             yield
     except (mlflow.exceptions.MlflowException, OSError) as err:
+        outage.note(err)
         raise StoreError(_fault(what, err)) from err
     except Exception as err:
         if type(err).__module__.split(".")[0] != "sqlalchemy":
             raise
         raise StoreError(_fault(what, err)) from err
+    outage.answered()
 
 
 def _fault(what: str, err: BaseException) -> str:
@@ -55,6 +57,9 @@ def _fault(what: str, err: BaseException) -> str:
     if is_server(uri):
         refused = _ERRNO.search(cause)
         cause = refused.group(1).strip() if refused else cause
+        since = outage.gone_since()
+        if since is not None:
+            cause += f" (no answer since {time.strftime('%H:%M:%S', time.localtime(since))})"
         return (
             f"cannot {what} in the MLflow server {redact(uri)}: {cause}. Check that the server is up, "
             f"reachable from this machine, and that its database and artifact folder take writes."
@@ -140,6 +145,8 @@ def end_run(run_id: str, status: str, error: str | None = None) -> None:
         if status != "FINISHED":
             log.info("MLflow run %s %s", run_id, status)
     except Exception as err:
+        if outage.gone_since() is not None:
+            raise StoreError(_lost_server(run_id, err)) from err
         # What stopped the run, unless it was this store's fault too (the cause below says it).
         was = f" after: {shorten(error, 200)}" if error and not error.startswith("cannot ") else ""
         raise StoreError(
@@ -149,14 +156,26 @@ def end_run(run_id: str, status: str, error: str | None = None) -> None:
         ) from err
 
 
+def _lost_server(run_id: str, err: BaseException) -> str:
+    """The one line of a run whose server went away: what it shows now, and how to go on."""
+    return (
+        f"{_fault('record the end of MLflow run ' + run_id, err)} The server still shows the run "
+        f"RUNNING; once it answers again, continue the run from its last checkpoint with "
+        f"resume={run_id}, or delete it (mlflow runs delete --run-id {run_id})."
+    )
+
+
 def _retry(write) -> None:
     """`write()`, again with growing pauses while the store is busy, until END_RETRY_SECONDS pass."""
     deadline, pause = time.monotonic() + END_RETRY_SECONDS, 1.0
     while True:
         try:
             with deferred_interrupt():
-                return write()
+                done = write()
+            outage.answered()
+            return done
         except Exception as err:
+            outage.note(err)
             if not _busy(err) or time.monotonic() + pause > deadline:
                 raise
             log.warning("the MLflow store is busy; retrying in %.0f s", pause)
