@@ -206,3 +206,249 @@ def test_auto_renders_on_cuda_only():
 def test_a_bad_value_is_refused_by_name(value):
     with pytest.raises(VisiontuneError, match=f"data.gpu_augment={value} must be auto"):
         config.read(compose_cfg(f"data.gpu_augment={value}"))
+
+
+# --- the augment group: policies and random erasing, drawn per image -------------------------------
+
+POLICY_NAMES = ["trivialaugment", "randaugment", "autoaugment"]
+
+
+def augment_settings(*overrides: str) -> config.AugmentSettings:
+    return config.read(compose_cfg(*overrides)).augment
+
+
+def policy_split(samples, settings, gpu_augment: bool, seed: int = 7) -> data.ImageFiles:
+    return data.ImageFiles(samples, data.transforms(SIZE, gpu_augment, settings)["train"], seed=seed)
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_the_workers_draw_exactly_what_the_cpu_paths_policy_and_erasing_apply(photos, name):
+    """Under the same (seed, epoch, index), the ops and rectangle drawn in the workers, applied by
+    apply_drawn to the crop, give the CPU path's image bit for bit: the same random calls of
+    torchvision's own classes, in the same order."""
+    settings = augment_settings(f"augment={name}", "augment.random_erasing=0.5")
+    small = photos[:4]
+    cpu, gpu = policy_split(small, settings, False), policy_split(small, settings, True)
+    drawn_ops = set()
+    for index in range(6 * len(small)):
+        expected, _ = cpu[index]
+        crop, _ = gpu[index]
+        cropped = F.resized_crop(crop.pixels, *whole_pixels(crop), [SIZE, SIZE], antialias=True)
+        cropped = F.horizontal_flip(cropped) if crop.flip else cropped
+        assert torch.equal(augment.apply_drawn(cropped, crop.ops, crop.erase), expected), f"index {index}"
+        drawn_ops.update(op for op, _ in crop.ops)
+    assert len(drawn_ops) > 3
+
+
+def test_the_device_renders_the_drawn_policy_as_the_cpu_path_does(photos):
+    """A batch with a policy and erasing renders, image by image, as apply_drawn on torchvision's
+    crop of the same box: the crops agree to rounding, and the ops keep them close (measured: a
+    value in a few hundred off by more than 1, where a colour op's threshold falls between them)."""
+    settings = augment_settings("augment=trivialaugment", "augment.random_erasing=0.5")
+    dataset = policy_split(photos[:4], settings, True, seed=3)
+    crops = [dataset[index][0] for index in range(12)]
+    assert any(c.erase for c in crops) and any(c.ops for c in crops)
+    rendered = augment.collate(crops).render()
+    for crop, image in zip(crops, rendered, strict=True):
+        as_float = F.resized_crop(crop.pixels.float(), *whole_pixels(crop), [SIZE, SIZE], antialias=True)
+        as_float = F.horizontal_flip(as_float) if crop.flip else as_float
+        expected = augment.apply_drawn(as_float.round().clamp(0, 255).to(torch.uint8), crop.ops, crop.erase)
+        off = (image - expected.float()).abs()
+        assert off.mean() < 1.0, (crop.ops, off.mean())
+        if crop.erase:
+            top, left, height, width = crop.erase
+            patch = image[:, top : top + height, left : left + width]
+            assert torch.equal(
+                patch, torch.tensor(augment.ERASE_VALUE).float()[:, None, None].expand_as(patch)
+            )
+
+
+@pytest.mark.parametrize("gpu_augment", [False, True])
+def test_the_same_seed_epoch_and_image_give_the_same_augmented_image(photos, gpu_augment):
+    settings = augment_settings("recipe=strong")
+    first, again = (
+        policy_split(photos[:3], settings, gpu_augment),
+        policy_split(photos[:3], settings, gpu_augment),
+    )
+    other = policy_split(photos[:3], settings, gpu_augment, seed=8)
+
+    def rendered(dataset, index):
+        item = dataset[index][0]
+        return augment.collate([item]).render()[0] if gpu_augment else item
+
+    for index in (0, 4, 8):
+        assert torch.equal(rendered(first, index), rendered(again, index))
+    assert any(not torch.equal(rendered(first, i), rendered(other, i)) for i in range(6))
+
+
+def stand_in() -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.uint8).expand(3, SIZE, SIZE)
+
+
+def drawn_many(transform, n: int, seed: int = 0) -> list:
+    torch.manual_seed(seed)
+    return [transform.draw(stand_in()) for _ in range(n)]
+
+
+# TrivialAugment Wide's law (Müller & Hutter; torchvision's table written out): 14 ops at even odds,
+# a strength bin from 0 to 30 at even odds, ops with a direction signed at even odds.
+TRIVIAL_MAX = {"ShearX": 0.99, "ShearY": 0.99, "TranslateX": 32.0, "TranslateY": 32.0, "Rotate": 135.0}
+TRIVIAL_MAX |= dict.fromkeys(["Brightness", "Color", "Contrast", "Sharpness"], 0.99)
+TRIVIAL_UNSIGNED = {"Identity", "Posterize", "Solarize", "AutoContrast", "Equalize"}
+
+
+def test_trivialaugment_draws_one_op_of_fourteen_and_a_strength_of_31_bins_at_even_odds():
+    from scipy.stats import chisquare
+
+    draws = drawn_many(augment.policy(augment_settings("augment=trivialaugment"), drawn=True), 4200)
+    assert all(len(ops) == 1 for ops in draws)
+    names = sorted(TRIVIAL_MAX.keys() | TRIVIAL_UNSIGNED)
+    counts = [sum(ops[0][0] == name for ops in draws) for name in names]
+    assert chisquare(counts).pvalue > 1e-3, dict(zip(names, counts, strict=True))
+    signed = [(name, m) for ((name, m),) in draws if name in TRIVIAL_MAX]
+    bins = [round(abs(m) / TRIVIAL_MAX[name] * 30) for name, m in signed]
+    for (name, m), b in zip(signed, bins, strict=True):
+        assert abs(abs(m) - TRIVIAL_MAX[name] * b / 30) < 1e-4 * TRIVIAL_MAX[name]  # on the grid
+    assert chisquare(np.bincount(bins, minlength=31)).pvalue > 1e-3
+    negative = sum(m < 0 for _, m in signed if m != 0) / sum(m != 0 for _, m in signed)
+    assert abs(negative - 0.5) < 4 * 0.5 / math.sqrt(len(signed))
+
+
+def test_randaugment_draws_num_ops_ops_at_the_one_magnitude():
+    from scipy.stats import chisquare
+
+    settings = augment_settings("augment=randaugment", "augment.num_ops=3", "augment.magnitude=12")
+    draws = drawn_many(augment.policy(settings, drawn=True), 1400)
+    assert all(len(ops) == 3 for ops in draws)
+    ops = [op for drawn in draws for op in drawn]
+    names = sorted({name for name, _ in ops})
+    assert len(names) == 14 and "Invert" not in names
+    assert chisquare([sum(n == name for n, _ in ops) for name in names]).pvalue > 1e-3
+    # Bin 12 of 31: Rotate's 0..30 degrees at 12, Brightness's 0..0.9 at 0.36, either sign.
+    assert {round(abs(m), 4) for n, m in ops if n == "Rotate"} == {12.0}
+    assert {round(abs(m), 4) for n, m in ops if n == "Brightness"} == {0.36}
+
+
+def test_autoaugment_draws_from_imagenets_25_pairs_each_op_at_its_probability():
+    from torchvision.transforms import v2
+
+    pairs = v2.AutoAugment()._policies
+    draws = drawn_many(augment.policy(augment_settings("augment=autoaugment"), drawn=True), 3000)
+    names = [tuple(name for name, _ in ops) for ops in draws]
+    possible = {
+        tuple(op[0] for op, keep in zip(pair, mask, strict=True) if keep)
+        for pair in pairs
+        for mask in [(1, 1), (1, 0), (0, 1), (0, 0)]
+    }
+    assert set(names) <= possible
+    expected = sum(p1 + p2 for (_, p1, _), (_, p2, _) in pairs) / len(pairs)  # ops per image
+    mean = np.mean([len(n) for n in names])
+    assert abs(mean - expected) < 0.05, (mean, expected)
+
+
+def test_random_erasing_erases_at_its_rate_within_its_area_range():
+    erasing = augment.DrawnErasing(0.3, value=augment.ERASE_VALUE)
+    boxes = drawn_many(erasing, 4000)
+    erased = [b for b in boxes if b is not None]
+    assert abs(len(erased) / len(boxes) - 0.3) < 4 * math.sqrt(0.3 * 0.7 / len(boxes))
+    areas = np.array([h * w / SIZE**2 for _, _, h, w in erased])
+    assert areas.min() >= 0.015 and areas.max() <= 0.36  # scale (0.02, 0.33), sides rounded
+    assert all(t + h <= SIZE and left + w <= SIZE for t, left, h, w in erased)
+
+
+def test_the_tutorial_stays_crop_and_flip_exactly():
+    """augment=tutorial (the default) draws and renders what the transforms did before the group."""
+    from torchvision.transforms import v2
+
+    settings = augment_settings()
+    assert settings.name == "tutorial" and augment.policy(settings) is None
+    transform = data.transforms(SIZE, False, settings)["train"]
+    assert [type(t) for t in transform.transforms] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("augment.random_erasing=1.5", "augment.random_erasing=1.5 is a probability"),
+        ("augment.mixup_alpha=-1", "augment.mixup_alpha=-1 must be 0 or a positive number"),
+        ("augment.name=cutout", "augment.name=cutout must be one of tutorial"),
+    ],
+)
+def test_a_bad_augment_value_is_refused_by_name(override, message):
+    with pytest.raises(VisiontuneError, match=message):
+        config.read(compose_cfg(override))
+
+
+# --- mixup and cutmix: whole batches, drawn from the loop's generator ------------------------------
+
+
+def two_images(n: int = 2, side: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image i all of value i: a mixed image shows how much of each it took."""
+    images = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, side, side).clone()
+    return images, torch.arange(n)
+
+
+@pytest.mark.parametrize("name", ["tutorial", *POLICY_NAMES])
+def test_every_augment_option_takes_the_mixing_keys(name):
+    settings = augment_settings(f"augment={name}", "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0")
+    mixer = augment.batch_mixer(settings, num_classes=5)
+    assert mixer == augment.BatchMix(5, 0.2, 1.0, 1.0)
+    assert augment.batch_mixer(augment_settings(f"augment={name}"), 5) is None
+
+
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)])
+def test_soft_targets_sum_to_one_and_weigh_each_image_as_its_pixels_do(mixup, cutmix):
+    """Image 0 is all 0, image 1 all 1: the share of image 1 in mixed image 0 (its mean) is the
+    weight its target gives class 1, for mixup's blend and cutmix's pasted box alike."""
+    mixer = augment.BatchMix(3, mixup, cutmix)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        images, labels = two_images()
+        mixed, targets = mixer(images, labels, generator)
+        assert targets.shape == (2, 3) and targets.dtype == torch.float32
+        assert torch.allclose(targets.sum(1), torch.ones(2))
+        assert targets[:, 2].eq(0).all()
+        assert mixed[0].mean().item() == pytest.approx(targets[0, 1].item(), abs=1e-6)
+        assert 1 - mixed[1].mean().item() == pytest.approx(targets[1, 0].item(), abs=1e-6)
+
+
+def test_mixups_lambda_is_beta_alpha_alpha():
+    from scipy.stats import beta, kstest
+
+    mixer = augment.BatchMix(2, 0.4, 0.0)
+    generator = torch.Generator().manual_seed(1)
+    lams = [mixer(*two_images(side=1), generator)[1][0, 0].item() for _ in range(2000)]
+    assert kstest(lams, beta(0.4, 0.4).cdf).pvalue > 1e-3
+
+
+def test_cutmix_and_mixup_share_the_batches_and_mix_prob_leaves_the_rest():
+    """Both on: each mixed batch is a blend (one value everywhere) or a pasted box (two values) at
+    even odds; mix_prob=0.5 leaves half of the batches as they were, their targets one-hot."""
+    mixer = augment.BatchMix(2, 1.0, 1.0, mix_prob=0.5)
+    generator = torch.Generator().manual_seed(2)
+    kinds = []
+    for _ in range(1200):
+        images, labels = two_images()
+        mixed, targets = mixer(images, labels, generator)
+        if torch.equal(targets, torch.eye(2)):
+            kinds.append("none")
+        else:
+            kinds.append("cutmix" if mixed[0].unique().numel() > 1 else "mixup")
+    share = {kind: kinds.count(kind) / len(kinds) for kind in ("none", "mixup", "cutmix")}
+    sigma = math.sqrt(0.25 / len(kinds))
+    assert abs(share["none"] - 0.5) < 4 * sigma
+    assert abs(share["mixup"] - 0.25) < 4 * sigma and abs(share["cutmix"] - 0.25) < 4 * sigma
+
+
+def test_a_seeded_generator_mixes_alike_and_the_global_stream_is_untouched():
+    images = torch.rand(6, 3, 16, 16)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    mixer = augment.BatchMix(3, 0.2, 1.0)
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    first = [mixer(images, labels, torch.Generator().manual_seed(9)) for _ in range(2)]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(first[0][0], first[1][0]) and torch.equal(first[0][1], first[1][1])
+    generator = torch.Generator().manual_seed(9)
+    runs = [mixer(images, labels, generator)[1] for _ in range(4)]
+    assert any(not torch.equal(runs[0], run) for run in runs[1:])

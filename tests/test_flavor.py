@@ -166,3 +166,37 @@ def test_a_spec_that_does_not_fit_is_refused_in_one_line(saved, tmp_path, change
     with pytest.raises(VisiontuneError, match=message) as refused:
         flavor.load(str(folder), "")
     assert len(str(refused.value).splitlines()) == 1
+
+
+def test_tta_averages_each_image_and_its_mirror(saved):
+    """params={"tta": True}: each image's probabilities are the mean of the model's on the image and
+    on its mirror image; visiontune's own loader and the pyfunc agree, and without it nothing changes."""
+    from visiontune import data, portable
+
+    images = [_two_halves((90, 64)), _two_halves((64, 140)), _jpeg((70, 70), (0, 0, 0))]
+    pyfunc = mlflow.pyfunc.load_model(str(saved))
+    own = flavor.load(str(saved), "")
+    batch = torch.stack([own.transform(data.decode(io.BytesIO(i))) for i in images])
+    views = own.view_probabilities(batch)
+    assert views.shape == (2, 3, 2)
+    plain, mirrored = own.probabilities(batch), own.probabilities(batch.flip(-1))
+    assert torch.allclose(views[0], plain, atol=1e-6) and torch.allclose(views[1], mirrored, atol=1e-6)
+    averaged = own.probabilities(batch, tta=True)
+    assert averaged.shape == (3, 2) and torch.allclose(averaged, (plain + mirrored) / 2, atol=1e-6)
+    assert not torch.allclose(averaged[:2], plain[:2], atol=1e-4)  # a mirror that differs changes the answer
+    answer = pyfunc.predict(pd.DataFrame({"image": images}), params={"top_k": 2, "tta": True})
+    for row, probabilities in enumerate(averaged):
+        assert answer["top_probabilities"][row] == pytest.approx(
+            torch.topk(probabilities, 2)[0].tolist(), abs=1e-6
+        )
+    assert portable.view_probabilities(own.module, own.normalize(batch), tta=False).shape == (1, 3, 2)
+    assert "tta" in {p.name for p in Model.load(saved).signature.params.params}
+
+
+def _two_halves(size) -> bytes:
+    """A JPEG whose left half is red and right half blue: its mirror image differs."""
+    image = Image.new("RGB", size, (200, 40, 40))
+    image.paste((30, 40, 220), (size[0] // 2, 0, size[0], size[1]))
+    out = io.BytesIO()
+    image.save(out, format="JPEG")
+    return out.getvalue()

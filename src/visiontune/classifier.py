@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -79,11 +79,15 @@ class Classifier:
     def normalize(self) -> data.Normalizer:
         return data.Normalizer(self.device, self.mean, self.std)
 
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (N, classes) in float32 on the CPU, for a uint8 batch from `transform`."""
-        with torch.inference_mode():
-            logits = self.module(self.normalize(images.to(self.device, non_blocking=True)))
-        return torch.softmax(logits.float(), dim=1).cpu()
+    def probabilities(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Class probabilities (N, classes) in float32 on the CPU, for a uint8 batch from `transform`;
+        with tta the mean over the test-time views (the image and its mirror)."""
+        return self.view_probabilities(images, tta).mean(0)
+
+    def view_probabilities(self, images: torch.Tensor, tta: bool = True) -> torch.Tensor:
+        """(views, N, classes): each test-time view's probabilities, the first the plain image's."""
+        inputs = self.normalize(images.to(self.device, non_blocking=True))
+        return portable.view_probabilities(self.module, inputs, tta).cpu()
 
 
 def top_k(probabilities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,10 +99,17 @@ def top_k(probabilities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def classify_files(
-    classifier: Classifier, paths: Sequence[str], batch_size: int, num_workers: int
+    classifier: Classifier,
+    paths: Sequence[str],
+    batch_size: int,
+    num_workers: int,
+    score: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(row indices, probabilities) per batch; rows of files that do not decode are left out
-    (each with a warning line from data.ImageFiles). A progress bar on stderr, when it is a terminal."""
+    (each with a warning line from data.ImageFiles). A progress bar on stderr, when it is a terminal.
+
+    `score` turns a uint8 batch into what is yielded: classifier.probabilities unless given
+    (a TTA variant, say)."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
@@ -115,6 +126,6 @@ def classify_files(
     decoded = 0
     with tqdm(total=len(paths), unit="img", disable=None, file=sys.stderr) as bar:
         for images, rows in loader:
-            yield rows, classifier.probabilities(images)
+            yield rows, (score or classifier.probabilities)(images)
             decoded += len(rows)
             bar.update(decoded + loader.skipped - bar.n)  # skipped images count as done too

@@ -160,6 +160,14 @@ EARLIER_DEFAULTS = {
     "scheduler.interval": "epoch",
     "mlflow.registered_model_name": None,
     "mlflow.champion_alias": "champion",
+    # The tutorial's crop and flip, nothing more: runs recorded before the augment group existed.
+    "augment.name": "tutorial",
+    "augment.magnitude": 9,
+    "augment.num_ops": 2,
+    "augment.random_erasing": 0.0,
+    "augment.mixup_alpha": 0.0,
+    "augment.cutmix_alpha": 0.0,
+    "augment.mix_prob": 1.0,
 }
 
 
@@ -190,6 +198,48 @@ class DataSettings:
     @property
     def cache_bytes(self) -> int:
         return self.cache_mb * 2**20
+
+
+POLICIES = ("tutorial", "trivialaugment", "randaugment", "autoaugment")
+RANDAUGMENT_BINS = 31  # torchvision's num_magnitude_bins: augment.magnitude indexes them
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """The `augment` group: the training split's per-image policy, random erasing, and the batch
+    mixing (mixup / cutmix) the training loop applies on the device."""
+
+    name: str  # tutorial | trivialaugment | randaugment | autoaugment: the policy after crop and flip
+    magnitude: int  # randaugment: the bin (0 to 30) every op's strength is taken from
+    num_ops: int  # randaugment: ops applied in a row
+    random_erasing: float  # probability that a rectangle of each image is erased
+    mixup_alpha: float  # Beta(alpha, alpha) of mixup's lambda; 0: off
+    cutmix_alpha: float  # Beta(alpha, alpha) of cutmix's lambda; 0: off
+    mix_prob: float  # share of batches mixed (by one of the two, at even odds where both are on)
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+def _augment_settings(cfg: DictConfig) -> AugmentSettings:
+    values = {key: _value(cfg, f"augment.{key}") for key in AugmentSettings.__dataclass_fields__}
+    if values["name"] not in POLICIES:
+        raise VisiontuneError(f"augment.name={values['name']} must be one of {', '.join(POLICIES)}")
+    _check_number("augment.num_ops", values["num_ops"], 2, whole=True, zero=True)
+    _check_number("augment.magnitude", values["magnitude"], 9, whole=True, zero=True)
+    if values["magnitude"] >= RANDAUGMENT_BINS:
+        raise VisiontuneError(
+            f"augment.magnitude={values['magnitude']} must be from 0 to {RANDAUGMENT_BINS - 1} "
+            "(torchvision's magnitude bins), e.g. augment.magnitude=9"
+        )
+    for key, example in (("mixup_alpha", 0.2), ("cutmix_alpha", 1.0)):
+        _check_number(f"augment.{key}", values[key], example, whole=False, zero=True)
+    for key, example in (("random_erasing", 0.25), ("mix_prob", 1.0)):
+        _check_number(f"augment.{key}", values[key], example, whole=False, zero=True)
+        if values[key] > 1:
+            raise VisiontuneError(f"augment.{key}={values[key]} is a probability: 0 to 1, e.g. {example}")
+    return AugmentSettings(**values)
 
 
 @dataclass(frozen=True)
@@ -259,6 +309,7 @@ class Settings:
     batch_size: int
     seed: int
     resume: str | None
+    augment: AugmentSettings
 
 
 def read(cfg: DictConfig) -> Settings:
@@ -291,6 +342,7 @@ def read(cfg: DictConfig) -> Settings:
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         resume=None if cfg.resume is None else str(cfg.resume),
+        augment=_augment_settings(cfg),
     )
 
 
@@ -498,7 +550,7 @@ def _check_number(key: str, value, example, whole: bool, zero: bool = False) -> 
 
 # --- the command line, before Hydra reads it ------------------------------------------------------
 
-GROUPS = ("model", "mode", "data", "optimizer", "scheduler", "search")
+GROUPS = ("model", "mode", "data", "optimizer", "scheduler", "search", "augment", "recipe")
 
 
 def check_command_line(args: list[str]) -> None:

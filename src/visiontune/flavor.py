@@ -2,9 +2,10 @@
 
 `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [...]}))` takes raw encoded bytes or
 base64 strings (file paths too, loaded with `model_config={"read_paths": True}`) and returns, per
-image, the class name, its probability and the top k (`params={"top_k": 3}`); `mlflow models
-serve` answers the same over HTTP. The pyfunc's code travels in the model (portable.py, as
-`code/visiontune_model.py`): loading it needs torch and torchvision, not visiontune.
+image, the class name, its probability and the top k (`params={"top_k": 3}`; `"tta": True` averages
+the image's and its mirror's); `mlflow models serve` answers the same over HTTP. The pyfunc's code
+travels in the model (portable.py, as `code/visiontune_model.py`): loading it needs torch and
+torchvision, not visiontune.
 
 Nothing in a model directory is unpickled: the weights are tensors read with
 `torch.load(weights_only=True)`, the spec is JSON. Models logged before (a pickled module under
@@ -49,7 +50,7 @@ def signature() -> ModelSignature:
     return ModelSignature(
         inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
         outputs=outputs,
-        params=ParamSchema([ParamSpec("top_k", "long", 1)]),
+        params=ParamSchema([ParamSpec("top_k", "long", 1), ParamSpec("tta", "boolean", False)]),
     )
 
 

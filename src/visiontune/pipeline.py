@@ -160,8 +160,8 @@ def build_loaders(
     """Train and val loaders, the latter replaying its decoded images where `shares` says so."""
     requested = settings.data.gpu_augment
     gpu_augment = augment.enabled(requested, device)
-    where = f"drawn in the data workers, rendered on {device}" if gpu_augment else "in the data workers"
-    log.info("training crops and flips: %s (data.gpu_augment=%s)", where, str(requested).lower())
+    where = augment.describe(settings.augment, gpu_augment, device)
+    log.info("training augmentation: %s (data.gpu_augment=%s)", where, str(requested).lower())
     loader_settings = data.LoaderSettings(
         input_size=prepared.spec.input_size,
         batch_size=settings.batch_size,
@@ -173,6 +173,7 @@ def build_loaders(
         min_train_batch=prepared.spec.min_batch_size,
         train_cache_bytes=shares.train_bytes,
         gpu_augment=gpu_augment,
+        augment=settings.augment,
         rank=distributed.rank(),
         world_size=distributed.world_size(),
     )

@@ -267,27 +267,25 @@ class ImageModel:
         gave when the model was a pickle. `mlflow.pyfunc.load_model(uri).get_raw_model()`."""
         return self.module
 
-    def probabilities(self, images):
-        """Class probabilities (N, classes) in float32 on the CPU, for a uint8 batch (N, 3, S, S)."""
-        import torch
-
-        with torch.inference_mode():
-            logits = self.module(self.preprocess.normalize(images.to(self.device)))
-        return torch.softmax(logits.float(), dim=1).cpu()
+    def probabilities(self, images, tta: bool = False):
+        """Class probabilities (N, classes) in float32 on the CPU, for a uint8 batch (N, 3, S, S);
+        with tta the mean over the test-time views (view_probabilities)."""
+        inputs = self.preprocess.normalize(images.to(self.device))
+        return view_probabilities(self.module, inputs, tta).mean(0).cpu()
 
     def predict(self, model_input, params: dict | None = None):
         import pandas as pd
 
-        k = top_k_param(params)
+        k, tta = top_k_param(params), bool((params or {}).get("tta", False))
         rows = [
             self._row(probabilities, k) if error is None else dict.fromkeys(COLUMNS) | {"error": error}
-            for probabilities, error in self.classify(image_values(model_input))
+            for probabilities, error in self.classify(image_values(model_input), tta=tta)
         ]
         # Object columns keep None as None: in float ones pandas turns it into NaN, which a served
         # answer would carry into its JSON, where NaN is not a value.
         return pd.DataFrame(rows, columns=COLUMNS, dtype=object)
 
-    def classify(self, values: list, batch_size: int = 64) -> list[tuple]:
+    def classify(self, values: list, batch_size: int = 64, tta: bool = False) -> list[tuple]:
         """(probabilities, None) or (None, why it could not be read) for each value, in order."""
         import torch
 
@@ -302,7 +300,8 @@ class ImageModel:
                 except (ValueError, OSError, SyntaxError) as err:  # PIL raises all three
                     results[row] = (None, str(err))
             if images:
-                for row, probabilities in zip(rows, self.probabilities(torch.stack(images)), strict=True):
+                batch = self.probabilities(torch.stack(images), tta)
+                for row, probabilities in zip(rows, batch, strict=True):
                     results[row] = (probabilities, None)
         return results
 
@@ -329,6 +328,18 @@ class ImageModel:
             "top_probabilities": scores.tolist(),
             "error": None,  # null in a served answer, where a missing value would be NaN
         }
+
+
+def view_probabilities(module, inputs, tta: bool):
+    """Softmax probabilities (views, N, classes) in float32 of a normalised batch (N, 3, S, S):
+    one view without tta; with tta (test-time augmentation) the batch and its mirror image, as
+    torchvision's and fastai's TTA flip, run through the model as one batch."""
+    import torch
+
+    views = [inputs, inputs.flip(-1)] if tta else [inputs]
+    with torch.inference_mode():
+        logits = module(torch.cat(views))
+    return torch.softmax(logits.float(), dim=1).view(len(views), len(inputs), -1)
 
 
 class Budget:

@@ -150,18 +150,21 @@ def test_a_flat_folder_is_evaluated_and_an_unreadable_image_skipped(
                 "3",
                 "--num-workers",
                 "0",
+                "--tta",
             ]
         )
 
     stdout = capsys.readouterr().out
     assert code == 0
     assert f"skipping image that does not decode: {broken}" in caplog.text
+    assert re.search(r"^accuracy with TTA\s+[0-9.]+\s+\([+-][0-9.]+: each image and its mirror", stdout, re.M)
     assert re.search(
         rf"^accuracy\s+[0-9.]+\s+\(8 images of {re.escape(str(flat))}, 1 skipped\)$", stdout, re.M
     )
     (evaluation,) = evaluation_runs(trained.client, str(flat))
     assert evaluation.info.status == "FINISHED" and evaluation.info.run_name.endswith("-flat")
     assert evaluation.data.params["images"] == "9" and evaluation.data.params["skipped_images"] == "1"
+    assert evaluation.data.params["tta"] == "True" and 0 <= evaluation.data.metrics["eval_accuracy_tta"] <= 1
     local = trained.client.download_artifacts(evaluation.info.run_id, "predictions.csv", str(tmp_path))
     rows = {row["path"]: row for row in read_csv(local)}
     assert rows[str(broken)]["predicted"] == "" and len(rows) == 9

@@ -609,18 +609,19 @@ def test_a_frozen_backbone_on_larger_batches_gives_the_same_run(tmp_path, tiny_f
 
 
 def test_a_run_trains_with_crops_rendered_on_the_device(tmp_path):
-    """End to end on a CPU (true: on any device), a data worker sending the crop batches."""
+    """End to end on a CPU (true: on any device), a data worker sending the crop batches, a policy
+    and random erasing drawn with them."""
     # Larger than the cap (2 x 64), and data.cache_mb=0: the worker decodes and shrinks them.
     folder = make_image_folder(tmp_path / "data", {"train": 5, "val": 3}, size=(300, 200))
     args = ["data=imagefolder", f"data.root={folder}", "mode=scratch", "device=cpu", "data.gpu_augment=true"]
+    args += ["augment=trivialaugment", "augment.random_erasing=0.5"]
     fast = [o for o in FAST if not o.startswith(("epochs", "num_workers"))]
     result = run_cli(
         tmp_path, *args, *fast, "epochs=1", "num_workers=1", "data.cache_mb=0", "mlflow.log_model=false"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "training crops and flips: drawn in the data workers, rendered on cpu (data.gpu_augment=true)" in (
-        result.stderr
-    )
+    expected = "crop, flip, trivialaugment, random erasing p=0.5: drawn in the data workers, rendered on cpu"
+    assert f"training augmentation: {expected} (data.gpu_augment=true)" in result.stderr
     (run,) = store_runs(tmp_path / "outputs" / "mlflow.db")
     assert run.info.status == "FINISHED" and run.data.params["data.gpu_augment"] == "True"
     assert math.isfinite(run.data.metrics["train_loss"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -84,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
         help="where to record the run (default: the training run's experiment, else visiontune)",
     )
     parser.add_argument("--out", type=Path, help="also write the figures and CSV files to this folder")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="also score with test-time augmentation (each image and its mirror, probabilities averaged) "
+        "and report both accuracies",
+    )
     commands.add_store_option(parser, "read the model from and record the evaluation in")
     return parser
 
@@ -160,6 +167,8 @@ class Predictions:
     targets: torch.Tensor  # (N,) the true classes, as model class indices
     probabilities: torch.Tensor  # (N, model classes)
     skipped: int  # images that did not decode
+    # (N, model classes) averaged over the test-time views, with --tta
+    tta_probabilities: torch.Tensor | None = None
 
     @property
     def top(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,24 +177,32 @@ class Predictions:
 
 
 def predict(
-    clf: Classifier, folder: LabelledFolder, to_model: list[int], batch_size: int, workers: int
+    clf: Classifier,
+    folder: LabelledFolder,
+    to_model: list[int],
+    batch_size: int,
+    workers: int,
+    tta: bool = False,
 ) -> Predictions:
-    """The model's probabilities for every image that decodes, with its true class."""
+    """The model's probabilities for every image that decodes, with its true class; with tta also
+    averaged over the test-time views, from the same decoded batches."""
     import torch
 
     from visiontune import VisiontuneError, classifier
 
     paths = [path for path, _ in folder.samples]
-    rows, probabilities = [torch.empty(0, dtype=torch.long)], [torch.empty(0, len(clf.classes))]
-    for batch_rows, batch_probabilities in classifier.classify_files(clf, paths, batch_size, workers):
+    rows, views = [torch.empty(0, dtype=torch.long)], [torch.empty(2 if tta else 1, 0, len(clf.classes))]
+    score = functools.partial(clf.view_probabilities, tta=tta)
+    for batch_rows, batch_views in classifier.classify_files(clf, paths, batch_size, workers, score):
         rows.append(batch_rows)
-        probabilities.append(batch_probabilities)
-    decoded = torch.cat(rows)
+        views.append(batch_views)
+    decoded, views = torch.cat(rows), torch.cat(views, dim=1)
     if not len(decoded):
         raise VisiontuneError(f"none of the {len(paths)} images in {folder.folder} decodes")
     labels = torch.tensor([label for _, label in folder.samples])
     targets = torch.tensor(to_model)[labels[decoded]]
-    return Predictions(decoded, targets, torch.cat(probabilities), len(paths) - len(decoded))
+    averaged = views.mean(0) if tta else None
+    return Predictions(decoded, targets, views[0], len(paths) - len(decoded), averaged)
 
 
 @dataclass(frozen=True)
@@ -272,6 +289,22 @@ def eval_metrics(evaluation: Evaluation) -> dict[str, float]:
     return metrics
 
 
+def tta_scores(evaluation: Evaluation) -> Scores | None:
+    """The scores of the TTA-averaged probabilities (--tta); None without."""
+    averaged = evaluation.predictions.tta_probabilities
+    if averaged is None:
+        return None
+    return scores(evaluation.predictions.targets, averaged.argmax(dim=1), len(evaluation.classes))
+
+
+def tta_metrics(evaluation: Evaluation) -> dict[str, float]:
+    """eval_accuracy_tta and eval_macro_f1_tta with --tta; nothing without."""
+    result = tta_scores(evaluation)
+    return (
+        {} if result is None else {"eval_accuracy_tta": result.accuracy, "eval_macro_f1_tta": result.macro_f1}
+    )
+
+
 def per_class_rows(evaluation: Evaluation) -> list[dict]:
     """One row per shown class; None where a score is undefined."""
     result = evaluation.scores
@@ -305,13 +338,19 @@ def evaluate(args: argparse.Namespace, folder: LabelledFolder, uri: str) -> str:
     given = model_reference(args.model)
     with store.tracked_run(uri, run_start(experiment_id, given, folder, clf)) as run:
         store.log_params(
-            {"data": folder.folder, "images": len(folder.samples), "batch_size": args.batch_size}
+            {
+                "data": folder.folder,
+                "images": len(folder.samples),
+                "batch_size": args.batch_size,
+                "tta": args.tta,
+            }
         )
-        predictions = predict(clf, folder, to_model, args.batch_size, args.num_workers)
+        predictions = predict(clf, folder, to_model, args.batch_size, args.num_workers, args.tta)
         evaluation = score(folder, clf.classes, to_model, predictions)
         store.log_params({"skipped_images": predictions.skipped})
         # Linked to the logged model only where it lives in this store (not a folder from elsewhere).
-        store.log_metrics(eval_metrics(evaluation), model_id=clf.model_id if source_here else None)
+        metrics = eval_metrics(evaluation) | tta_metrics(evaluation)
+        store.log_metrics(metrics, model_id=clf.model_id if source_here else None)
         record_files(evaluation, args.out)
         lines = summary(evaluation)
         store.set_tags({store.tags.NOTE: f"Evaluation of {given}:\n\n" + "\n\n".join(lines[:2])})
@@ -451,6 +490,7 @@ def summary(evaluation: Evaluation) -> list[str]:
     lines = [
         f"accuracy  {result.accuracy:.4f}  ({images} images of {where}, {predictions.skipped} skipped)",
         f"macro F1  {result.macro_f1:.4f}  (mean over the {present} classes with images)",
+        *tta_lines(evaluation),
         "",
         report.to_markdown(rows).rstrip("\n"),
     ]
@@ -462,6 +502,18 @@ def summary(evaluation: Evaluation) -> list[str]:
         more = f" and {len(absent) - 20} more" if len(absent) > 20 else ""
         lines.append(f"left out, no images here and never predicted: {', '.join(absent[:20])}{more}")
     return lines
+
+
+def tta_lines(evaluation: Evaluation) -> list[str]:
+    """With --tta: the accuracy and macro F1 of the averaged views, beside the plain ones above."""
+    result = tta_scores(evaluation)
+    if result is None:
+        return []
+    gain = result.accuracy - evaluation.scores.accuracy
+    return [
+        f"accuracy with TTA  {result.accuracy:.4f}  ({gain:+.4f}: each image and its mirror averaged)",
+        f"macro F1 with TTA  {result.macro_f1:.4f}",
+    ]
 
 
 def where_to_see(given_uri: str | None, uri: str, experiment_id: str, run_id: str) -> str:

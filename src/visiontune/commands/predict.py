@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import glob
 import json
 import logging
@@ -59,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
         "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes"
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average each image's and its mirror's probabilities",
     )
     commands.add_store_option(parser)
     return parser
@@ -123,7 +129,10 @@ def predict(args: argparse.Namespace, paths: list[str], uri: str) -> list[dict]:
     model = flavor.load(args.model, uri).to(device)
     rows = [{"path": path, "classes": [], "probabilities": [], "error": "unreadable"} for path in paths]
     files = [i for i, path in enumerate(paths) if _is_regular_file(path)]
-    batches = classifier.classify_files(model, [paths[i] for i in files], args.batch_size, args.num_workers)
+    score = functools.partial(model.probabilities, tta=args.tta)
+    batches = classifier.classify_files(
+        model, [paths[i] for i in files], args.batch_size, args.num_workers, score
+    )
     for indices, probabilities in batches:
         scores, classes = classifier.top_k(probabilities, args.top_k)
         for row, top, names in zip(indices.tolist(), scores.tolist(), classes.tolist(), strict=True):

@@ -90,20 +90,18 @@ def header_problem(path: str, max_image_pixels: int | None) -> Exception | None:
     return None
 
 
-def transforms(input_size: int, gpu_augment: bool = False) -> dict[str, Callable]:
-    """The tutorial's geometry on uint8 tensors: random crop and flip to train, centre crop to validate.
+def transforms(input_size: int, gpu_augment: bool = False, policy=None) -> dict[str, Callable]:
+    """The tutorial's geometry on uint8 tensors: random crop and flip to train (then the `augment`
+    group's policy and random erasing, `policy` an AugmentSettings), centre crop to validate.
 
     Images stay uint8 until they reach the device, where Normalizer scales a whole batch at once:
     a quarter of the bytes through worker queues and pinned memory, one tensor op per batch.
-    With gpu_augment the training crops are only drawn here (the same parameters) and the device
-    renders them (augment.py).
+    With gpu_augment the training augmentation is only drawn here (the same parameters) and the
+    device renders it (augment.py).
     """
-    if gpu_augment:
-        train = augment.DrawCrop(input_size, cap=DECODED_SIDE_FACTOR * input_size)
-    else:
-        train = v2.Compose([v2.RandomResizedCrop(input_size, antialias=True), v2.RandomHorizontalFlip()])
+    cap = DECODED_SIDE_FACTOR * input_size
     return {
-        "train": train,
+        "train": augment.train_transform(policy, input_size, gpu_augment, cap),
         "val": v2.Compose([v2.Resize(input_size, antialias=True), v2.CenterCrop(input_size)]),
     }
 

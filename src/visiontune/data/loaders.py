@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontune import VisiontuneError, augment
+from visiontune.config import AugmentSettings
 from visiontune.data.folders import SPLITS, Sample
 from visiontune.data.images import DECODED_SIDE_FACTOR, TooManyPixels, decode, transforms
 
@@ -239,6 +240,8 @@ class LoaderSettings:
     train_cache_bytes: int = 0  # memory for the decoded training images (decode_once); 0: decode each epoch
     # Training crops only drawn in the workers, rendered on the device (augment.py).
     gpu_augment: bool = False
+    # The policy and random erasing after crop and flip (the augment group); None: the tutorial's.
+    augment: AugmentSettings | None = None
     # Under torchrun: this process's shard. batch_size is per rank.
     rank: int = 0
     world_size: int = 1
@@ -246,7 +249,7 @@ class LoaderSettings:
 
 def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) -> dict[str, SkippingLoader]:
     """Shuffled train and ordered val loaders whose workers live for the whole run."""
-    tfms = transforms(settings.input_size, settings.gpu_augment)
+    tfms = transforms(settings.input_size, settings.gpu_augment, settings.augment)
     workers = settings.num_workers
     # Named explicitly: inside a joblib (loky) worker the process-wide default context is
     # loky's, whose processes DataLoader cannot start.
