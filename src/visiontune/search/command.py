@@ -11,6 +11,7 @@ stopped study; the same command on another machine, with shared --storage, joins
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -199,15 +200,21 @@ def run_workers(plan, settings, workers: int) -> list[int]:
         started.append(subprocess.Popen([sys.executable, "-m", "visiontune.search.worker"], env=env))
     try:
         return [process.wait() for process in started]
-    except KeyboardInterrupt:
-        stop(started)
+    except KeyboardInterrupt as err:
+        stop(started, grace=0 if isinstance(err, Terminated) else 30)
         raise
 
 
-def stop(started: list[subprocess.Popen]) -> None:
-    """Each worker told to stop (its trial's run KILLED, its values queued again), then waited for."""
+def stop(started: list[subprocess.Popen], grace: float) -> None:
+    """Each worker told to stop (its trial's run KILLED, its values queued again), then waited for.
+
+    Ctrl-C in a terminal reached the workers too: they get `grace` seconds to stop on their own,
+    a second signal in the middle of their clean-up would cut it short."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for process in started:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
     for process in started:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -49,6 +49,8 @@ def work(plan: Plan, settings: SearchSettings) -> None:
         try:
             run_trial(opened, trial, plan, settings)
         except (KeyboardInterrupt, SystemExit):
+            for number in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut this short
+                signal.signal(number, signal.SIG_IGN)
             log.warning("trial %d stopped: queued again, it continues from its checkpoint", trial.number)
             study.requeue(opened, trial)
             raise
@@ -85,7 +87,9 @@ def run_trial(opened, trial, plan: Plan, settings: SearchSettings) -> None:
     overrides.append(f"search.trial={first}")
     if first != trial.number:  # a trial whose worker died: its run continues (resume: its checkpoint)
         overrides.append("resume=last")
-    log.info("trial %d: %s", trial.number, " ".join(overrides[len(plan.overrides) :]))
+    # Not through logging: its console handler still carries the previous job's "#<number>" prefix.
+    sampled = " ".join(overrides[len(plan.overrides) :])
+    print(f"[{time.strftime('%H:%M:%S')}] trial {trial.number}: {sampled}", file=sys.stderr, flush=True)
     reporter = Reporter(trial)
     with heartbeat(trial):
         value = train_job(overrides, first, plan.study_dir, reporter)
