@@ -4,6 +4,7 @@ old `visiontune-train -m search=...` pointed at the new command."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -60,7 +61,16 @@ def plan(tmp_path):
     return study.Plan(str(tmp_path / "journal.log"), "s", str(tmp_path / "s"), [], "sqlite:///unused.db")
 
 
-def test_workers_get_no_more_trials_than_the_study_has(plan):
+@pytest.fixture(params=["journal", "database"])
+def any_plan(request, plan, tmp_path):
+    """A journal file, or a database URL (SQLite here; PostgreSQL and MySQL go the same way)."""
+    if request.param == "journal":
+        return plan
+    return dataclasses.replace(plan, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def test_workers_get_no_more_trials_than_the_study_has(any_plan):
+    plan = any_plan
     opened = study.open_study(plan)
     asked = []
     for _ in range(2):
