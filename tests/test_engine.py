@@ -66,6 +66,16 @@ def test_fit_restores_the_best_epochs_weights_and_reports_each_epoch():
         assert torch.equal(value, snapshots[result.best_epoch][key])
 
 
+def test_an_epoch_listener_returning_true_ends_fit_after_that_epoch():
+    """How a search prunes a trial: fit stops where told, its result the epochs it trained."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    images = torch.randn(8, 3, 2, 2)
+    loaders = {"train": [(images, torch.tensor([0, 1] * 4))], "val": [(images, torch.tensor([0, 1] * 4))]}
+    training = cpu_training(tiny_prepared(model), torch.optim.SGD(model.parameters(), lr=0.1), epochs=5)
+    result = engine.fit(training, loaders, on_epoch=lambda report, progress: report.epoch == 2)
+    assert len(result.val_curve) == 2 and result.best_epoch <= 2
+
+
 def test_a_nonfinite_training_loss_stops_fit_naming_epoch_and_batch():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     prepared = tiny_prepared(model)

@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "visiontune"
 MAX_BODY_LINES = 40  # a function body, its docstring not counted
 MAX_POSITIONAL = 6  # arguments in one call; more travel as keywords or a dataclass
-COMMANDS = ("visiontune.commands", "visiontune.train")
+COMMANDS = ("visiontune.commands", "visiontune.train", "visiontune.search")
 INFERENCE = ("predict", "evaluate", "export")
 TRAINING = ("engine", "frozen", "pipeline", "optim", "recorder", "resume", "checkpoint", "sweep", "models")
 

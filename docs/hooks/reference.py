@@ -28,12 +28,12 @@ DOCS = Path(__file__).resolve().parents[1]
 KEYS_FILE = DOCS / "config_keys.yaml"
 PACKAGE = "visiontune.conf"
 # Groups selected with `group=option`, in the order train.yaml's defaults list them.
-GROUPS = ("model", "mode", "data", "optimizer", "scheduler", "augment")
+GROUPS = ("model", "mode", "data", "optimizer", "scheduler", "augment", "search")
 # Groups whose options change Hydra's own config, or several groups at once (recipe, a global
 # package): documented from their YAML files.
-HYDRA_GROUPS = {"search": "", "recipe": "", "hydra/launcher": "hydra.launcher."}
-# Values documented whole (a mapping of module paths or builder arguments), not key by key.
-WHOLE_SUFFIXES = ("layer_groups", "pretrained_kwargs", "scratch_kwargs", "sweeper.params")
+HYDRA_GROUPS = {"recipe": "", "hydra/launcher": "hydra.launcher."}
+# Values documented whole (a mapping of module paths, builder arguments or distributions), not key by key.
+WHOLE_SUFFIXES = ("layer_groups", "pretrained_kwargs", "scratch_kwargs", "search.space")
 HELP_WIDTH = "100"
 
 

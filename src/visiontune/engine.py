@@ -219,7 +219,7 @@ class Progress:
 def fit(
     training: Training,
     loaders: dict,
-    on_epoch: Callable[[EpochReport, Progress], None] = lambda report, progress: None,
+    on_epoch: Callable[[EpochReport, Progress], bool | None] = lambda report, progress: None,
     progress: Progress | None = None,
 ) -> FitResult:
     """Train and validate each epoch after `progress`; end with the weights of the best val accuracy.
@@ -257,7 +257,8 @@ def fit(
             improved=improved,
             trainable=prepared.trainable,
         )
-        on_epoch(report, progress)
+        if on_epoch(report, progress):  # True: stop here (a search's pruner), with the best epoch so far
+            break
     # Under torchrun the last epoch's weights must agree on every rank: the best epoch's may agree
     # only because it came before a stage whose gradients went unreduced.
     if distributed.world_size() > 1:

@@ -65,12 +65,25 @@ def train(cfg: DictConfig, job: Job, device: torch.device, record) -> float:
         loaders = record.started(settings, cfg, setup, device)
         progress = checkpoint.restore(saved, setup.training) if saved else None
         record.resumed(saved, progress, settings.epochs)
-        result = engine.fit(setup.training, loaders, record.epoch_ended, progress)
+        result = engine.fit(setup.training, loaders, epoch_ended(record), progress)
         same_on_every_rank(setup.prepared.module)
         record.finished(result, setup, skipped_images(setup.checked, setup.loaders, device))
         data.close(setup.loaders)
     record.done(settings)
     return result.best_acc
+
+
+# Called with each epoch's report once the epoch is recorded; one that returns True ends the fit
+# there, the run FINISHED with the epochs it trained: how visiontune-search prunes a trial.
+EPOCH_LISTENERS: list = []
+
+
+def epoch_ended(record):
+    def ended(report: engine.EpochReport, progress: engine.Progress) -> bool:
+        record.epoch_ended(report, progress)
+        return any([listener(report) for listener in EPOCH_LISTENERS])
+
+    return ended
 
 
 def refuse_fewer_epochs(saved: checkpoint.Saved, epochs) -> None:

@@ -29,8 +29,6 @@ log = logging.getLogger("visiontune")
 
 # Options that live in optional Hydra plugins: (override, plugin module, what to install).
 PLUGIN_OPTIONS = (
-    ("search=optuna", "hydra_plugins.hydra_optuna_sweeper", "visiontune[optuna]"),
-    ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "visiontune[optuna]"),
     *(
         (f"hydra/launcher={name}", "hydra_plugins.hydra_submitit_launcher", "visiontune[slurm]")
         # the plugin's two launchers, and visiontune's presets over them (conf/hydra/launcher)
@@ -193,8 +191,8 @@ def _end_killed_on_requeue() -> None:
 def cli() -> None:
     """The console script: main(), after checking that options from optional plugins can load.
 
-    Without the plugin Hydra only says it cannot find 'hydra/sweeper/optuna'; this says what to
-    install instead.
+    Without the plugin Hydra only says it cannot find 'hydra/launcher/submitit_slurm'; this says what
+    to install instead.
     """
     launch = distributed.Launch.from_env()
     args = sys.argv[1:]
@@ -221,12 +219,25 @@ def cli() -> None:
         _stop(launch, "error: -m/--multirun cannot run under torchrun: start the sweep without torchrun")
     if launch is not None:
         sys.argv += _torchrun_overrides(launch, args)
-    if problem := _unwritable_output(sys.argv[1:], multirun):
+    if problem := _search_moved(args) or _unwritable_output(sys.argv[1:], multirun):
         _stop(launch, f"error: {problem}")
     if multirun:
         _sweep()
         return
     main()
+
+
+# Hydra's Optuna sweeper (visiontune-train -m search=optuna) pinned optuna<3 and ran trials in
+# batches, with no pruning and an in-memory study; visiontune-search drives Optuna >= 4 itself.
+SEARCH_MOVED = (
+    "searches run with visiontune-search, which takes the same overrides: visiontune-search search=basic "
+    "--workers 2 --trials 20 ... (see docs/how-to/search.md)"
+)
+
+
+def _search_moved(args: list[str]) -> str | None:
+    searched = [a for a in args if a.startswith(("search=", "hydra/sweeper=optuna"))]
+    return f"{searched[0]}: {SEARCH_MOVED}" if searched else None
 
 
 # Where Hydra puts run folders when the command line does not say (the part of conf/train.yaml's

@@ -1,5 +1,5 @@
 """Multiruns as one MLflow experiment, end to end: a parent run, its children, the summary on the
-parent, Optuna searches, Ctrl-C and killed workers, resume_last, the four-mode comparison."""
+parent, Ctrl-C and killed workers, resume_last, the four-mode comparison."""
 
 from __future__ import annotations
 
@@ -19,13 +19,6 @@ def sweep(cwd, tiny_folder, *extra, workers=0):
     return run_cli(
         cwd, "-m", f"data.root={tiny_folder}", "data=imagefolder", *fast, f"num_workers={workers}", *extra
     )
-
-
-def optuna_search(cwd, tiny_folder, *extra):
-    """A 2-trial search=optuna on the tiny folder; batch_size is left to the search."""
-    fast = [o for o in FAST if not o.startswith("batch_size=")]
-    data = [f"data.root={tiny_folder}", "data=imagefolder"]
-    return run_cli(cwd, "-m", "search=optuna", "hydra.sweeper.n_trials=2", *data, *fast, *extra)
 
 
 def parent_and_children(cwd):
@@ -97,59 +90,6 @@ def test_failed_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path, tiny_folde
     assert rows["squeezenet-feature_extract"]["status"] == "FAILED"
     assert "no such file" in rows["squeezenet-feature_extract"]["error"]
     assert parent.data.tags["best_child"] == "squeezenet-scratch"
-
-
-def test_optuna_search_maximises_best_val_acc_with_each_trial_a_child(tmp_path, tiny_folder):
-    result = optuna_search(tmp_path, tiny_folder, "model=squeezenet", "mode=scratch")
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    parent, children = parent_and_children(tmp_path)
-    assert parent.info.status == "FINISHED" and parent.data.tags["sweep.varied"] == "optimizer.lr,batch_size"
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    assert sorted(c.info.run_name for c in children) == ["squeezenet-scratch #0", "squeezenet-scratch #1"]
-    for child in children:  # each trial's sampled values, from the search space in conf/search
-        assert 1e-5 <= float(child.data.params["optimizer.lr"]) <= 1e-1
-        assert child.data.tags["batch_size"] in {"4", "8", "16", "32"}
-        assert child.data.params["batch_size"] == child.data.tags["batch_size"]
-
-    rows = summary(tmp_path, parent)
-    assert list(rows[0])[4:6] == ["lr", "batch_size"], "the leaderboard shows the searched keys"
-    assert {r["run_id"]: r["batch_size"] for r in rows} == {
-        c.info.run_id: c.data.params["batch_size"] for c in children
-    }
-    (results,) = (tmp_path / "outputs" / "multirun").glob("*/*/optimization_results.yaml")
-    best = max(c.data.metrics["best_val_acc"] for c in children)
-    assert f"best_value: {best}" in results.read_text(), "Optuna received each trial's best val acc"
-
-
-@pytest.mark.slow  # an edge case of an optional plugin (25 s); -m slow runs it
-def test_optuna_search_where_every_trial_fails_ends_its_parent_failed(tmp_path, tiny_folder):
-    result = optuna_search(tmp_path, tiny_folder, "mode=feature_extract", "model.weights=/missing.pth")
-    assert result.returncode == 1
-    assert "no such file" in result.stderr  # each job's own error
-
-    parent, children = parent_and_children(tmp_path)
-    assert [c.info.status for c in children] == ["FAILED", "FAILED"]
-    assert parent.info.status == "FAILED", "Optuna stopped the sweep (no trial completed); not a Ctrl-C"
-    assert "stopped before its end" in parent.data.tags["error"]
-
-
-@pytest.mark.parametrize(
-    ("setting", "message"),
-    [
-        ("hydra.sweeper.direction=minimize", "hydra.sweeper.direction=minimize would search for the lowest"),
-        (
-            "hydra.sweeper.storage=sqlite:///optuna.db",
-            "hydra.sweeper.storage=sqlite:///optuna.db: the Optuna 2.x",
-        ),
-    ],
-)
-def test_optuna_settings_that_cannot_work_stop_before_any_job(tmp_path, tiny_folder, setting, message):
-    result = sweep(tmp_path, tiny_folder, "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", setting)
-    assert result.returncode == 1
-    assert f"error: {message}" in result.stderr
-    assert "Traceback" not in result.stderr and "Launching" not in result.stdout + result.stderr
-    assert not (tmp_path / "outputs" / "mlflow.db").exists(), "nothing is stored for a sweep that cannot run"
 
 
 def test_ctrl_c_ends_the_sweep_killed_with_no_run_left_running(tmp_path, tiny_folder):

@@ -52,3 +52,9 @@ DATA = "visiontune.data"  # the folder of labelled images it was scored on
 # --- an experiment (not a run) -----------------------------------------------------------------
 
 EXPERIMENT_KIND = "mlflow.experimentKind"  # which view MLflow 3's UI opens it in (location.EXPERIMENT_KIND)
+
+# --- a search (visiontune-search) -----------------------------------------------------------------
+
+STUDY = "optuna.study"  # on the parent and each trial's run: the Optuna study's name
+TRIAL = "optuna.trial"  # on a trial's run: its Optuna trial number (a re-queued trial's latest)
+TRIAL_STATE = "optuna.state"  # on a trial's run: COMPLETE, PRUNED (FINISHED early, its epochs kept) or FAIL

@@ -1,0 +1,1 @@
+"""visiontune-search: an Optuna study over visiontune-train's config (command.py), trained by workers."""
