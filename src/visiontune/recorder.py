@@ -73,6 +73,9 @@ class NullRecorder:
     def finished(self, result: engine.FitResult, setup: SetUp, skipped: int) -> None:
         pass
 
+    def tested(self, tested: tuple | None, checked) -> None:
+        pass
+
     def done(self, settings: Settings) -> None:
         pass
 
@@ -207,6 +210,23 @@ class RunRecorder:
             registered = self.settings.mlflow.registered_model_name if self.job.number is None else None
             log_model(setup.prepared, setup.checked.classes, setup.loaders["val"], registered)
 
+    def tested(self, tested: tuple | None, checked) -> None:
+        """The test split's scores with the best weights (test_acc, test_loss, balanced accuracy,
+        macro F1, per class; mAP for multi-label) and its confusion matrix; nothing without one."""
+        if tested is None:
+            return
+        metrics, counts = tested
+        store.log_metrics({f"test_{key}": value for key, value in metrics.items()})
+        if counts is not None:
+            store.log_figure(
+                report.confusion_matrix(counts.tolist(), checked.classes), "test_confusion_matrix.png"
+            )
+        score = "mAP" if checked.multilabel else "acc"
+        log.info(
+            "test %s %.4f, loss %.4f on %d images (the best epoch's weights, scored once)",
+            *(score, metrics[score], metrics["loss"], metrics["images"]),
+        )
+
     def done(self, settings: Settings) -> None:
         """After the run FINISHED: its checkpoint files go (the best model is in MLflow), unless kept."""
         if not settings.checkpoint.keep_after_finish:
@@ -231,6 +251,7 @@ class RunRecorder:
 def epoch_metrics(r: engine.EpochReport) -> dict[str, float]:
     metrics = {"train_loss": r.train.loss, "train_acc": r.train.acc, "val_loss": r.val.loss}
     metrics |= {"val_acc": r.val.acc, "epoch_seconds": r.seconds, "lr": r.lrs[HEAD_GROUP]}
+    metrics |= {f"val_{key}": value for key, value in r.val.extra.items()}  # multi-label: mAP, F1s
     if len(r.lrs) > 1:  # layer-wise rates, and how many groups trained (staged unfreezing)
         metrics |= {f"lr_{name}": lr for name, lr in r.lrs.items() if name != HEAD_GROUP}
         metrics["trainable_groups"] = len(r.trainable)
@@ -288,6 +309,7 @@ def run_params(cfg: DictConfig, settings: Settings, setup: SetUp, device) -> dic
             "classes": ",".join(checked.classes),
             "train_images": len(checked.samples["train"]),
             "val_images": len(checked.samples["val"]),
+            **data_facts(checked, setup.training.criterion),
             "skipped_images": checked.skipped,
             "trainable_params": trainable,
             "total_params": total,
@@ -298,6 +320,20 @@ def run_params(cfg: DictConfig, settings: Settings, setup: SetUp, device) -> dic
             "global_batch_size": settings.batch_size * world,
         }
     )
+
+
+def data_facts(checked, criterion) -> dict:
+    """The test split's size, whether labels are multi-label, and loss.class_weights=auto's weights."""
+    facts: dict = {"multilabel": str(checked.multilabel).lower()}
+    if "test" in checked.samples:
+        facts["test_images"] = len(checked.samples["test"])
+    weights = getattr(criterion, "pos_weight" if checked.multilabel else "weight", None)
+    if weights is not None:
+        names = [re.sub(r"[^\w\-./ ]", "_", name) for name in checked.classes]  # MLflow's key characters
+        facts |= {
+            f"loss.class_weight.{name}": round(w, 6) for name, w in zip(names, weights.tolist(), strict=True)
+        }
+    return facts
 
 
 def provenance(launch_dir: Path, weights: models.Weights | None) -> dict[str, str]:

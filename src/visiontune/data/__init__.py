@@ -18,6 +18,7 @@ _MODULE_OF = {
         "CheckedData",
         "Sample",
         "check_folder",
+        "check_samples",
         "check_layout",
         "class_folders",
         "download",
@@ -27,6 +28,8 @@ _MODULE_OF = {
         "prepare_root",
         "tree_digest",
     ),
+    "sources": ("check_data", "check_source", "plan_of"),
+    "splits": ("SplitPlan",),
     "images": (
         "DECODED_SIDE_FACTOR",
         "IMAGENET_MEAN",
@@ -39,6 +42,7 @@ _MODULE_OF = {
     ),
     "loaders": (
         "PROJECT_AFTER",
+        "BalancedDraw",
         "EpochShuffle",
         "ImageFiles",
         "LoaderSettings",
