@@ -166,6 +166,7 @@ EARLIER_DEFAULTS = {
     "data.fold": 0,
     "data.sampler": "shuffle",
     "loss.class_weights": None,
+    "predict.threshold": 0.5,
 }
 
 
@@ -199,6 +200,7 @@ class DataSettings:
     fold: int = 0
     sampler: str = "shuffle"  # shuffle | balanced (each class drawn equally often)
     tables: TableSettings | None = None  # data=csv: labels from CSV files instead of class folders
+    threshold: float = 0.5  # predict.threshold: multi-label, a label is predicted at this probability or more
 
     @property
     def cache_bytes(self) -> int:
@@ -357,6 +359,11 @@ def _data_settings(cfg: DictConfig) -> DataSettings:
 
     check_plan(*plan)
     sampler = _value(cfg, "data.sampler")
+    if sampler == "balanced" and tables is not None and tables.label_delim is not None:
+        raise VisiontuneError(
+            "data.sampler=balanced draws by class, and a multi-label image has several: use "
+            "data.sampler=shuffle with data.label_delim (loss.class_weights=auto weighs rare labels)"
+        )
     if sampler not in SAMPLERS:
         raise VisiontuneError(
             f"data.sampler={sampler} must be shuffle (each image once per epoch) or balanced (each class "
@@ -374,12 +381,22 @@ def _data_settings(cfg: DictConfig) -> DataSettings:
         **dict(zip(("val_fraction", "test_fraction", "folds", "fold"), plan, strict=True)),
         sampler=sampler,
         tables=tables,
+        threshold=_threshold(cfg),
     )
+
+
+def _threshold(cfg: DictConfig) -> float:
+    threshold = _value(cfg, "predict.threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1:
+        raise VisiontuneError(
+            f"predict.threshold={threshold} must be a probability between 0 and 1, e.g. 0.5"
+        )
+    return float(threshold)
 
 
 def _table_settings(data: DictConfig) -> TableSettings | None:
     """data=csv's keys (None for a folder of images): the training CSV is required."""
-    if "train_csv" not in data:
+    if "train_csv" not in data.keys():  # `in` answers False for a missing (???) value
         return None
     if OmegaConf.is_missing(data, "train_csv") or data.train_csv is None:
         raise VisiontuneError(

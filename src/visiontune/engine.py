@@ -64,7 +64,8 @@ class Training:
 class _Tally:
     """Loss and accuracy summed on the device; read back once per phase, not once per batch."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, criterion: nn.Module | None = None):
+        self.threshold = getattr(criterion, "threshold", 0.5)  # multi-label: F1's threshold (tasks.py)
         self.loss = torch.zeros((), device=device)  # float32: MPS has no float64
         self.correct = torch.zeros((), device=device, dtype=torch.int64)
         # The first batch with a non-finite loss, kept on the device: checking each batch on the
@@ -113,7 +114,7 @@ class _Tally:
         from visiontune import tasks
 
         scores, targets = (torch.cat(part) for part in zip(*self.kept, strict=True))
-        metrics = tasks.multilabel_metrics(scores, targets, tasks.THRESHOLD)
+        metrics = tasks.multilabel_metrics(scores, targets, self.threshold)
         summed = distributed.sum_over_ranks(list(metrics.values()), device)
         return {key: value / distributed.world_size() for key, value in zip(metrics, summed, strict=True)}
 
@@ -137,7 +138,7 @@ def train_one_epoch(
         trained = frozen.rest if frozen is not None else model.module
     start = _clock(runtime.device)
     model.train_mode()
-    tally = _Tally(runtime.device)
+    tally = _Tally(runtime.device, training.criterion)
     batches = frozen.batches(loader, runtime, per_pass) if frozen is not None else _whole(loader, runtime)
     for inputs, labels in tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None):
         with runtime.autocast():
@@ -188,7 +189,7 @@ def evaluate(
     """
     start = _clock(runtime.device)
     model.eval()
-    tally = _Tally(runtime.device)
+    tally = _Tally(runtime.device, criterion)
     batches = cache.logits(loader, runtime) if cache else _logits(model, loader, runtime)
     for logits, labels in tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None):
         with runtime.autocast():

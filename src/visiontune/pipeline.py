@@ -124,7 +124,9 @@ def loss_of(settings: Settings, checked: data.CheckedData) -> torch.nn.Module:
             f"{name} {w:.3g}" for name, w in zip(checked.classes, weights.tolist(), strict=True)
         )
         log.info("loss.class_weights=auto: %s", shown)
-    return tasks.criterion(checked.multilabel, settings.optim.label_smoothing, weights)
+    return tasks.criterion(
+        checked.multilabel, settings.optim.label_smoothing, weights, settings.data.threshold
+    )
 
 
 def score_test_split(setup: SetUp) -> tuple[dict, torch.Tensor | None] | None:

@@ -273,6 +273,8 @@ class ImageModel:
 
         with torch.inference_mode():
             logits = self.module(self.preprocess.normalize(images.to(self.device)))
+        if self.spec.get("multilabel"):  # each label's own probability
+            return torch.sigmoid(logits.float()).cpu()
         return torch.softmax(logits.float(), dim=1).cpu()
 
     def predict(self, model_input, params: dict | None = None):
@@ -321,6 +323,9 @@ class ImageModel:
         import torch
 
         scores, indices = torch.topk(probabilities, min(k, probabilities.shape[0]))
+        if self.spec.get("multilabel"):  # every label at the threshold or more, at least the best k
+            chosen = int((probabilities >= self.spec.get("threshold", 0.5)).sum())
+            scores, indices = torch.topk(probabilities, max(min(k, probabilities.shape[0]), chosen))
         names = [self.classes[i] for i in indices.tolist()]
         return {
             "class": names[0],

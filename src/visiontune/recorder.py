@@ -167,9 +167,20 @@ class RunRecorder:
             store.log_metrics(metrics, step=r.epoch)
         self.startup.record(step=r.epoch)
         epochs = self.settings.epochs
+        score = "mAP" if r.val.extra else "acc"  # multi-label: the best epoch is chosen by mAP
         log.info(
-            "epoch %*d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs%s",
-            *(len(str(epochs)), r.epoch, epochs, r.train.loss, r.train.acc, r.val.loss, r.val.acc),
+            "epoch %*d/%d  train loss %.4f %s %.4f | val loss %.4f %s %.4f | %.1fs%s",
+            *(
+                len(str(epochs)),
+                r.epoch,
+                epochs,
+                r.train.loss,
+                score,
+                r.train.acc,
+                r.val.loss,
+                score,
+                r.val.acc,
+            ),
             *(r.seconds, "  * best" if r.improved else ""),
         )
 
@@ -199,6 +210,8 @@ class RunRecorder:
         store.delete_tag(tags.RESUME_COMMAND)  # a run that ends has nothing left to continue
         store.log_metrics({"skipped_images": skipped})
         store.log_metrics({"best_val_acc": result.best_acc, "best_epoch": result.best_epoch})
+        if setup.checked.multilabel:  # best_val_acc holds the score the best epoch was chosen by
+            store.log_metrics({"best_val_mAP": result.best_acc})
         curves = {f"{setup.prepared.spec.name}-{self.settings.mode.name}": result.val_curve}
         store.log_figure(report.accuracy_curves(curves, "Validation accuracy"), "val_acc.png")
         log.info(
@@ -208,7 +221,9 @@ class RunRecorder:
         if self.settings.mlflow.log_model:
             # A sweep registers only its best child, at its end (sweep.py).
             registered = self.settings.mlflow.registered_model_name if self.job.number is None else None
-            log_model(setup.prepared, setup.checked.classes, setup.loaders["val"], registered)
+            log_model(
+                setup.prepared, setup.checked, setup.loaders["val"], registered, self.settings.data.threshold
+            )
 
     def tested(self, tested: tuple | None, checked) -> None:
         """The test split's scores with the best weights (test_acc, test_loss, balanced accuracy,
@@ -376,7 +391,9 @@ def git_state(folder: Path) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
-def log_model(prepared: models.PreparedModel, classes: list[str], val_loader, registered_name: str | None):
+def log_model(
+    prepared: models.PreparedModel, checked, val_loader, registered_name: str | None, threshold=0.5
+):
     """The best model as users will use it: weights, class names and preprocessing, one image as
     its example (an encoded JPEG of a few kB, where a float tensor made a 7.5 MB JSON file)."""
     from torchvision.io import encode_jpeg
@@ -385,7 +402,8 @@ def log_model(prepared: models.PreparedModel, classes: list[str], val_loader, re
 
     spec = prepared.spec
     distributed.plain_batchnorm(prepared.module)  # the logged model runs in one process
-    model = classifier.Classifier(prepared.module, classes, spec.input_size, spec.name, spec.arch)
+    model = classifier.Classifier(prepared.module, checked.classes, spec.input_size, spec.name, spec.arch)
+    model.multilabel, model.threshold = checked.multilabel, threshold
     image = next(iter(val_loader))[0][0].cpu()
     example = encode_jpeg(image, quality=90).numpy().tobytes()
     store.log_model(model, example, registered_name)

@@ -18,10 +18,20 @@ log = logging.getLogger("visiontune")
 THRESHOLD = 0.5  # predict.threshold's default: a label is predicted where its probability passes it
 
 
-def criterion(multilabel: bool, label_smoothing: float, weights: torch.Tensor | None) -> nn.Module:
+class MultiLabelLoss(nn.BCEWithLogitsLoss):
+    """BCE per label, carrying the threshold above which a label counts as predicted (for F1)."""
+
+    def __init__(self, pos_weight: torch.Tensor | None, threshold: float):
+        super().__init__(pos_weight=pos_weight)
+        self.threshold = threshold
+
+
+def criterion(
+    multilabel: bool, label_smoothing: float, weights: torch.Tensor | None, threshold: float = THRESHOLD
+) -> nn.Module:
     """The training loss: cross-entropy over classes, or BCE per label (weights: each label's pos_weight)."""
     if multilabel:
-        return nn.BCEWithLogitsLoss(pos_weight=weights)
+        return MultiLabelLoss(weights, threshold)
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)
 
 
@@ -98,7 +108,8 @@ def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor, threshold: f
 @torch.inference_mode()
 def score(module: nn.Module, loader, loss_fn: nn.Module, runtime, classes: Sequence[str], multilabel=False):
     """One pass over a held-out split with `module` as it is (the best weights, at the end of a run):
-    (metrics prefixed by nothing: loss, acc or mAP, ...; the confusion matrix, None for multi-label)."""
+    (metrics: loss, acc or mAP, ...; the confusion matrix, None for multi-label). In float32, without
+    autocast: as the logged model predicts, so visiontune-evaluate on the same files agrees."""
     from visiontune import distributed
 
     module.eval()
@@ -107,9 +118,8 @@ def score(module: nn.Module, loader, loss_fn: nn.Module, runtime, classes: Seque
     loss, images, kept = 0.0, 0, []
     for batch, labels in loader:
         batch, labels = runtime.inputs(batch, labels)
-        with runtime.autocast():
-            logits = module(batch)
-            loss += float(loss_fn(logits, labels)) * labels.shape[0]
+        logits = module(batch).float()
+        loss += float(loss_fn(logits, labels)) * labels.shape[0]
         images += labels.shape[0]
         if multilabel:
             kept.append((torch.sigmoid(logits.float()).cpu(), labels.cpu()))
@@ -119,6 +129,7 @@ def score(module: nn.Module, loader, loss_fn: nn.Module, runtime, classes: Seque
     loss, images = totals[0] / max(totals[1], 1), totals[1]
     if multilabel:
         scores, targets = (torch.cat(part) for part in zip(*kept, strict=True))
-        return {"loss": loss, "images": images} | multilabel_metrics(scores, targets, THRESHOLD), None
+        metrics = multilabel_metrics(scores, targets, getattr(loss_fn, "threshold", THRESHOLD))
+        return {"loss": loss, "images": images} | metrics, None
     counts = torch.tensor(totals[2:], dtype=torch.int64).reshape(n, n)
     return {"loss": loss, "images": images} | confusion_metrics(counts, classes), counts

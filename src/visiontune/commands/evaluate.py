@@ -199,6 +199,7 @@ class Scores:
     f1: torch.Tensor  # (C,) NaN where the class has no images; 0 where none of them is found
     support: torch.Tensor  # (C,) images of each class
     macro_f1: float  # the mean F1 over the classes that have images
+    balanced_accuracy: float = float("nan")  # the mean recall over the classes that have images
 
 
 def scores(targets: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> Scores:
@@ -222,6 +223,7 @@ def scores(targets: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> 
         f1=f1,
         support=support,
         macro_f1=f1[present].mean().item(),
+        balanced_accuracy=(hits / support.clamp(min=1))[present].mean().item(),
     )
 
 
@@ -264,6 +266,7 @@ def eval_metrics(evaluation: Evaluation) -> dict[str, float]:
     """eval_accuracy, eval_macro_f1, and each shown class's precision, recall and F1 where defined."""
     result, keys = evaluation.scores, metric_keys(evaluation.classes)
     metrics = {"eval_accuracy": result.accuracy, "eval_macro_f1": result.macro_f1}
+    metrics["eval_balanced_accuracy"] = result.balanced_accuracy
     for which in ("precision", "recall", "f1"):
         values = getattr(result, which)
         for i in evaluation.shown:
@@ -296,9 +299,14 @@ def per_class_rows(evaluation: Evaluation) -> list[dict]:
 
 def evaluate(args: argparse.Namespace, folder: LabelledFolder, uri: str) -> str:
     """Load the model, score it on the folder in an MLflow run; the text to print."""
-    from visiontune import flavor, runtime, store
+    from visiontune import VisiontuneError, flavor, runtime, store
 
     clf = flavor.load(args.model, uri)
+    if clf.multilabel:
+        raise VisiontuneError(
+            f"{args.model} is a multi-label model: visiontune-evaluate scores class folders, one label "
+            "per image. Its run's test split (data.test_csv or data.test_fraction) logs test_mAP."
+        )
     to_model = model_indices(folder.classes, clf.classes)  # refused before any run exists
     clf.to(runtime.pick_device(args.device))
     experiment_id, source_here = evaluation_experiment(uri, clf.run_id, args.experiment)
@@ -451,6 +459,7 @@ def summary(evaluation: Evaluation) -> list[str]:
     lines = [
         f"accuracy  {result.accuracy:.4f}  ({images} images of {where}, {predictions.skipped} skipped)",
         f"macro F1  {result.macro_f1:.4f}  (mean over the {present} classes with images)",
+        f"balanced accuracy  {result.balanced_accuracy:.4f}  (mean recall over the {present} classes with images)",
         "",
         report.to_markdown(rows).rstrip("\n"),
     ]

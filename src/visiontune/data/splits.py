@@ -67,7 +67,7 @@ def carve(
     for members in _by_class(samples).values():
         ranked = _ranked(members, seed, name)
         n = len(ranked)
-        take = min(max(int(n * fraction + 0.5), 1 if n > 1 else 0), n - 1)
+        take = min(max(int(n * fraction + 0.5), 1 if n > 1 else 0), n - 1) if fraction else 0
         carved += ranked[:take]
         kept += ranked[take:]
     return _sorted(kept, name), _sorted(carved, name)
