@@ -396,7 +396,9 @@ def _threshold(cfg: DictConfig) -> float:
 
 def _table_settings(data: DictConfig) -> TableSettings | None:
     """data=csv's keys (None for a folder of images): the training CSV is required."""
-    if "train_csv" not in data.keys():  # `in` answers False for a missing (???) value
+    if OmegaConf.select(data, "train_csv", default=_ABSENT) is _ABSENT and not OmegaConf.is_missing(
+        data, "train_csv"
+    ):  # not data=csv (`in` would answer False for data=csv's missing ??? too)
         return None
     if OmegaConf.is_missing(data, "train_csv") or data.train_csv is None:
         raise VisiontuneError(

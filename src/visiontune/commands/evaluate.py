@@ -459,7 +459,7 @@ def summary(evaluation: Evaluation) -> list[str]:
     lines = [
         f"accuracy  {result.accuracy:.4f}  ({images} images of {where}, {predictions.skipped} skipped)",
         f"macro F1  {result.macro_f1:.4f}  (mean over the {present} classes with images)",
-        f"balanced accuracy  {result.balanced_accuracy:.4f}  (mean recall over the {present} classes with images)",
+        f"balanced accuracy  {result.balanced_accuracy:.4f}  (mean recall over those classes)",
         "",
         report.to_markdown(rows).rstrip("\n"),
     ]
