@@ -358,17 +358,7 @@ def _data_settings(cfg: DictConfig) -> DataSettings:
     from visiontune.data.splits import check_plan  # torch-free, as this module
 
     check_plan(*plan)
-    sampler = _value(cfg, "data.sampler")
-    if sampler == "balanced" and tables is not None and tables.label_delim is not None:
-        raise VisiontuneError(
-            "data.sampler=balanced draws by class, and a multi-label image has several: use "
-            "data.sampler=shuffle with data.label_delim (loss.class_weights=auto weighs rare labels)"
-        )
-    if sampler not in SAMPLERS:
-        raise VisiontuneError(
-            f"data.sampler={sampler} must be shuffle (each image once per epoch) or balanced (each class "
-            f"drawn equally often)"
-        )
+    sampler = _sampler(cfg, tables)
     return DataSettings(
         root=str(data.root) if tables is None else str(tables.image_root),
         url=data.url,
@@ -383,6 +373,21 @@ def _data_settings(cfg: DictConfig) -> DataSettings:
         tables=tables,
         threshold=_threshold(cfg),
     )
+
+
+def _sampler(cfg: DictConfig, tables: TableSettings | None) -> str:
+    sampler = _value(cfg, "data.sampler")
+    if sampler == "balanced" and tables is not None and tables.label_delim is not None:
+        raise VisiontuneError(
+            "data.sampler=balanced draws by class, and a multi-label image has several: use "
+            "data.sampler=shuffle with data.label_delim (loss.class_weights=auto weighs rare labels)"
+        )
+    if sampler not in SAMPLERS:
+        raise VisiontuneError(
+            f"data.sampler={sampler} must be shuffle (each image once per epoch) or balanced (each class "
+            f"drawn equally often)"
+        )
+    return sampler
 
 
 def _threshold(cfg: DictConfig) -> float:
