@@ -124,3 +124,14 @@ def test_one_folder_layout_passes_the_cheap_check_and_one_class_is_refused(one_f
     lonely = make_image_folder(tmp_path / "l", {"all": 2}, classes=("ants",)) / "all"
     with pytest.raises(VisiontuneError, match="one class, 'ants'"):
         data.check_layout(lonely, downloads=False)
+
+
+def test_split_seed_holds_the_split_across_run_seeds(one_folder, tmp_path):
+    from visiontune.data import sources
+
+    val = {}
+    for seed in (1, 2):
+        settings = config.read(compose_cfg("data=imagefolder", f"data.root={one_folder}", "data.split_seed=9")).data
+        val[seed] = data.check_data(settings, tmp_path, seed=seed).samples["val"]
+        assert sources.plan_of(settings, seed).seed == 9
+    assert val[1] == val[2]

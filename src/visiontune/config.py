@@ -164,6 +164,7 @@ EARLIER_DEFAULTS = {
     "data.test_fraction": 0.0,
     "data.folds": 0,
     "data.fold": 0,
+    "data.split_seed": None,
     "data.sampler": "shuffle",
     "loss.class_weights": None,
     "predict.threshold": 0.5,
@@ -198,6 +199,7 @@ class DataSettings:
     test_fraction: float = 0.0
     folds: int = 0
     fold: int = 0
+    split_seed: int | None = None  # seeds the carved splits and folds; None: the run's seed
     sampler: str = "shuffle"  # shuffle | balanced (each class drawn equally often)
     tables: TableSettings | None = None  # data=csv: labels from CSV files instead of class folders
     threshold: float = 0.5  # predict.threshold: multi-label, a label is predicted at this probability or more
@@ -369,10 +371,20 @@ def _data_settings(cfg: DictConfig) -> DataSettings:
         cache_mb=data.cache_mb,
         gpu_augment=gpu_augment,
         **dict(zip(("val_fraction", "test_fraction", "folds", "fold"), plan, strict=True)),
+        split_seed=_split_seed(cfg),
         sampler=sampler,
         tables=tables,
         threshold=_threshold(cfg),
     )
+
+
+def _split_seed(cfg: DictConfig) -> int | None:
+    seed = _value(cfg, "data.split_seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise VisiontuneError(
+            f"data.split_seed={seed} must be null (the run's seed) or a whole number, e.g. 0"
+        )
+    return seed
 
 
 def _sampler(cfg: DictConfig, tables: TableSettings | None) -> str:

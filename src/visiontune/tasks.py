@@ -8,6 +8,7 @@ outputs, BCE, mean average precision (the best epoch's score) and micro/macro F1
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 
 import torch
@@ -68,7 +69,7 @@ def confusion_metrics(counts: torch.Tensor, classes: Sequence[str]) -> dict[str,
         "balanced_acc": float(recall[present].mean()) if present.any() else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
     }
-    for i, name in enumerate(classes):
+    for i, name in enumerate(re.sub(r"[^\w\-./ ]", "_", name) for name in classes):  # MLflow's key characters
         if present[i]:
             metrics |= {f"recall_{name}": float(recall[i]), f"f1_{name}": float(f1[i])}
         if predicted[i] > 0:

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 
 def plan_of(settings: DataSettings, seed: int) -> SplitPlan:
+    """How the splits a layout lacks are carved: seeded by data.split_seed, else the run's seed."""
+    seed = seed if settings.split_seed is None else settings.split_seed
     return SplitPlan(seed, settings.val_fraction, settings.test_fraction, settings.folds, settings.fold)
 
 
