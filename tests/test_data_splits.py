@@ -131,7 +131,9 @@ def test_split_seed_holds_the_split_across_run_seeds(one_folder, tmp_path):
 
     val = {}
     for seed in (1, 2):
-        settings = config.read(compose_cfg("data=imagefolder", f"data.root={one_folder}", "data.split_seed=9")).data
+        settings = config.read(
+            compose_cfg("data=imagefolder", f"data.root={one_folder}", "data.split_seed=9")
+        ).data
         val[seed] = data.check_data(settings, tmp_path, seed=seed).samples["val"]
         assert sources.plan_of(settings, seed).seed == 9
     assert val[1] == val[2]
