@@ -137,6 +137,8 @@ class RunRecorder:
             digests = store.log_datasets(checked.root, checked.classes, checked.samples)
             store.log_params(run_params(cfg, settings, setup, device) | digests)
             store.log_params(provenance(self.job.launch_dir, setup.prepared.weights))
+        else:
+            self._same_splits(setup.checked)
         # The process tells a dead process's run from a live one. The checkpoint folder is tagged
         # once a checkpoint is in it: until then a continued run keeps pointing at its earlier one.
         marks = {tags.PROCESS: store.this_process(), tags.OUTPUT_DIR: str(self.job.output_dir)}
@@ -145,6 +147,19 @@ class RunRecorder:
         store.set_tags(marks)
         self.startup = StartupClock(setup.loaders["train"], self.job.started)
         return setup.loaders | {"train": self.startup}
+
+    def _same_splits(self, checked) -> None:
+        """A continued run trains on the splits it started with: a warning names each that changed
+        (files added, removed or changed since; the split itself is the same for the same files)."""
+        logged = self.where.client.get_run(self.run_id).data.params
+        now = store.split_digests(checked.root, checked.classes, checked.samples)
+        changed = [key for key, digest in now.items() if logged.get(key, digest) != digest]
+        if changed:
+            log.warning(
+                "resume: the data differs from what run %s started with (%s changed): its files "
+                "were added, removed or changed since",
+                *(self.run_id, ", ".join(changed)),
+            )
 
     def resumed(self, saved: checkpoint.Saved | None, progress: engine.Progress | None, epochs: int) -> None:
         """Any epoch the checkpoint holds but the run never logged (killed in between), logged now."""

@@ -195,19 +195,16 @@ def log_datasets(
     on different data are told apart: its source folder and a digest of every file's path, class
     and size (a changed, added or removed image changes it), and its file list as the artifact
     splits/<split>.csv. Returns {data.<split>_digest: digest}."""
-    import hashlib
-
     from mlflow.data.sources import LocalArtifactDatasetSource
 
     digests = {}
     contexts = {"train": "training", "val": "validation", "test": "testing"}
     for split, files in samples.items():  # train, val, and test where there is one
         table = split_table(root, classes, files)
-        digest = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()[:16]
+        digest = table_digest(table)
         digests[f"data.{split}_digest"] = digest
-        folder = (
-            root / split if (root / split).is_dir() else root
-        )  # a split carved by the run: the whole folder
+        # A split the run carved has the whole folder as its source.
+        folder = root / split if (root / split).is_dir() else root
         source = LocalArtifactDatasetSource(str(folder))  # named: a bare path resolves two ways
         dataset = mlflow.data.from_pandas(
             table, source=source, targets="class", name=f"{root.name}/{split}", digest=digest
@@ -218,6 +215,19 @@ def log_datasets(
             _log_input(dataset, contexts[split])
             mlflow.log_text(table.to_csv(index=False), f"splits/{split}.csv")  # the file list itself
     return digests
+
+
+def table_digest(table) -> str:
+    import hashlib
+
+    return hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()[:16]
+
+
+def split_digests(root: Path, classes: list[str], samples: Mapping[str, list]) -> dict[str, str]:
+    """{data.<split>_digest: digest} as log_datasets records them, without recording anything."""
+    return {
+        f"data.{split}_digest": table_digest(split_table(root, classes, f)) for split, f in samples.items()
+    }
 
 
 def split_table(root: Path, classes: list[str], files: list[tuple[str, object]]):
