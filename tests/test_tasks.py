@@ -77,3 +77,14 @@ def test_multilabel_metrics_by_hand():
     assert metrics["macro_f1"] == pytest.approx((0.5 + 1.0) / 2)
     loss = tasks.criterion(True, 0.0, tasks.class_weights([(0,), (0, 1), (0,)], 2, multilabel=True), 0.3)
     assert loss.threshold == 0.3 and loss.pos_weight.tolist() == [0.0, 2.0]
+
+
+def test_balanced_loader_gives_the_rare_class_about_half_the_batches(imbalanced):
+    sampled = data.LoaderSettings(input_size=16, batch_size=11, num_workers=0, seed=2, sampler="balanced")
+    loader = data.build_loaders(imbalanced.samples, sampled)["train"]
+    assert isinstance(loader.loader.sampler, data.BalancedDraw)
+    labels = []
+    for epoch in range(1, 11):
+        loader.set_epoch(epoch)
+        labels += [label for _, batch in loader for label in batch.tolist()]
+    assert len(labels) == 220 and 0.35 < labels.count(1) / len(labels) < 0.65  # shuffled: 2/22
