@@ -64,7 +64,9 @@ def test_one_folder_split_with_a_test_split_that_evaluate_agrees_with(images, tm
     assert rows[0]["test_acc"] == metrics["test_acc"] and "Ranked by best_val_acc" in report.to_markdown(rows)
 
 
-def test_multi_label_csv_run_logs_map_and_predict_lists_several_labels(images, tmp_path, standin_weights):
+def test_multi_label_csv_run_logs_map_predict_lists_several_labels_evaluate_scores_map(
+    images, tmp_path, standin_weights
+):
     table = tmp_path / "train.csv"
     with table.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -89,6 +91,13 @@ def test_multi_label_csv_run_logs_map_and_predict_lists_several_labels(images, t
     rows = json.loads(predicted.stdout)
     assert len(rows) == 10 and all(len(row["top_k"]) >= 2 for row in rows)
     assert {c["class"] for c in rows[0]["top_k"]} <= {"ants", "bees", "even", "odd"}
+
+    evaluated = run_cli(
+        tmp_path, run.info.run_id, "--data", str(table), "--image-root", str(images), "--num-workers", "0",
+        module="visiontune.commands.evaluate",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert evaluated.stdout.startswith("mAP  ") and "(20 images of" in evaluated.stdout
 
 
 def test_a_bad_csv_row_is_one_line_before_any_run(images, tmp_path):
