@@ -105,7 +105,8 @@ def test_an_imagefolder_without_root_says_how_to_give_one():
     with pytest.raises(VisiontuneError) as raised:
         config.read(compose_cfg("data=imagefolder"))
     assert str(raised.value) == (
-        "data.root is required for data=imagefolder: data.root=/path/to/folder (with train/ and val/ inside)"
+        "data.root is required for data=imagefolder: data.root=/path/to/folder "
+        "(with train/ and val/ inside, or one folder per class)"
     )
 
 

@@ -31,11 +31,15 @@ class Classifier:
     # Where a logged model came from (MLflow's MLmodel file): the training run and the model id.
     run_id: str = ""
     model_id: str = ""
+    # Multi-label (data.label_delim): a sigmoid per class; labels at `threshold` or more are predicted.
+    multilabel: bool = False
+    threshold: float = 0.5
 
     def metadata(self) -> dict:
         """What the logged model's MLmodel file records beside the weights."""
         keys = ("classes", "input_size", "model", "arch")
-        return {k: getattr(self, k) for k in keys} | {"mean": list(self.mean), "std": list(self.std)}
+        meta = {k: getattr(self, k) for k in keys} | {"mean": list(self.mean), "std": list(self.std)}
+        return meta | ({"multilabel": True, "threshold": self.threshold} if self.multilabel else {})
 
     def spec(self) -> dict:
         """What rebuilds the module without unpickling it (portable.py): the metadata, the builder's
@@ -61,6 +65,8 @@ class Classifier:
             arch=meta.get("arch", ""),
             mean=tuple(meta.get("mean", data.IMAGENET_MEAN)),
             std=tuple(meta.get("std", data.IMAGENET_STD)),
+            multilabel=bool(meta.get("multilabel", False)),
+            threshold=float(meta.get("threshold", 0.5)),
             **source,
         )
 
@@ -80,14 +86,23 @@ class Classifier:
         return data.Normalizer(self.device, self.mean, self.std)
 
     def probabilities(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """Class probabilities (N, classes) in float32 on the CPU, for a uint8 batch from `transform`;
-        with tta the mean over the test-time views (the image and its mirror)."""
+        """Class probabilities (N, classes) in float32 on the CPU, for a uint8 batch from `transform`
+        (multi-label: each class's own, from a sigmoid); with tta the mean over the test-time views
+        (the image and its mirror)."""
         return self.view_probabilities(images, tta).mean(0)
 
     def view_probabilities(self, images: torch.Tensor, tta: bool = True) -> torch.Tensor:
         """(views, N, classes): each test-time view's probabilities, the first the plain image's."""
         inputs = self.normalize(images.to(self.device, non_blocking=True))
-        return portable.view_probabilities(self.module, inputs, tta).cpu()
+        return portable.view_probabilities(self.module, inputs, tta, self.multilabel).cpu()
+
+
+def above(probabilities: torch.Tensor, threshold: float) -> list[list[tuple[int, float]]]:
+    """Multi-label: per row, every (class index, probability) at `threshold` or more, best first."""
+    rows = []
+    for row in probabilities.tolist():
+        rows.append(sorted(((i, p) for i, p in enumerate(row) if p >= threshold), key=lambda x: -x[1]))
+    return rows
 
 
 def top_k(probabilities: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

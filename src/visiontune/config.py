@@ -168,6 +168,14 @@ EARLIER_DEFAULTS = {
     "augment.mixup_alpha": 0.0,
     "augment.cutmix_alpha": 0.0,
     "augment.mix_prob": 1.0,
+    "data.val_fraction": 0.2,  # split folders only, before a run could be one folder split for it
+    "data.test_fraction": 0.0,
+    "data.folds": 0,
+    "data.fold": 0,
+    "data.split_seed": None,
+    "data.sampler": "shuffle",
+    "loss.class_weights": None,
+    "predict.threshold": 0.5,
 }
 
 
@@ -194,6 +202,15 @@ class DataSettings:
     max_image_pixels: int | None
     cache_mb: int
     gpu_augment: bool | str  # auto | true | false
+    # The splits a layout lacks, carved by data/splits.py; k-fold selection of the val split.
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    folds: int = 0
+    fold: int = 0
+    split_seed: int | None = None  # seeds the carved splits and folds; None: the run's seed
+    sampler: str = "shuffle"  # shuffle | balanced (each class drawn equally often)
+    tables: TableSettings | None = None  # data=csv: labels from CSV files instead of class folders
+    threshold: float = 0.5  # predict.threshold: multi-label, a label is predicted at this probability or more
 
     @property
     def cache_bytes(self) -> int:
@@ -243,6 +260,23 @@ def _augment_settings(cfg: DictConfig) -> AugmentSettings:
 
 
 @dataclass(frozen=True)
+class TableSettings:
+    """data=csv: CSV files of image paths and labels (absolute paths, or as given on the command line)."""
+
+    train_csv: str
+    val_csv: str | None
+    test_csv: str | None
+    image_root: str  # image paths in the CSVs are relative to this (default: the training CSV's folder)
+    path_column: str
+    label_column: str
+    label_delim: str | None  # "|": several labels per image (a multi-label run)
+
+
+SAMPLERS = ("shuffle", "balanced")
+CLASS_WEIGHTS = (None, "auto")
+
+
+@dataclass(frozen=True)
 class RuntimeSettings:
     """Where and how a run computes: device, precision, memory layout, workers, determinism."""
 
@@ -267,6 +301,7 @@ class OptimSettings:
     decay_norm_and_bias: bool
     per_batch: bool  # the schedule steps after every batch (scheduler.interval=batch)
     label_smoothing: float
+    class_weights: str | None = None  # auto: each class's loss weighted by its inverse frequency
 
     @property
     def optimizer_name(self) -> str:
@@ -367,13 +402,19 @@ def _data_settings(cfg: DictConfig) -> DataSettings:
             f"true (on any device) or false (in the data workers)"
         )
     data = cfg.data
-    if OmegaConf.is_missing(data, "root"):  # conf/data/imagefolder.yaml: root: ???
+    tables = _table_settings(data)
+    if tables is None and OmegaConf.is_missing(data, "root"):  # conf/data/imagefolder.yaml: root: ???
         raise VisiontuneError(
             f"data.root is required for data={data.get('name', 'imagefolder')}: "
-            f"data.root=/path/to/folder (with train/ and val/ inside)"
+            f"data.root=/path/to/folder (with train/ and val/ inside, or one folder per class)"
         )
+    plan = [_value(cfg, f"data.{key}") for key in ("val_fraction", "test_fraction", "folds", "fold")]
+    from visiontune.data.splits import check_plan  # torch-free, as this module
+
+    check_plan(*plan)
+    sampler = _sampler(cfg, tables)
     return DataSettings(
-        root=str(data.root),
+        root=str(data.root) if tables is None else str(tables.image_root),
         url=data.url,
         md5=data.md5,
         tree_sha256=data.tree_sha256,
@@ -381,6 +422,71 @@ def _data_settings(cfg: DictConfig) -> DataSettings:
         max_image_pixels=_value(cfg, "data.max_image_pixels"),
         cache_mb=data.cache_mb,
         gpu_augment=gpu_augment,
+        **dict(zip(("val_fraction", "test_fraction", "folds", "fold"), plan, strict=True)),
+        split_seed=_split_seed(cfg),
+        sampler=sampler,
+        tables=tables,
+        threshold=_threshold(cfg),
+    )
+
+
+def _split_seed(cfg: DictConfig) -> int | None:
+    seed = _value(cfg, "data.split_seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise VisiontuneError(
+            f"data.split_seed={seed} must be null (the run's seed) or a whole number, e.g. 0"
+        )
+    return seed
+
+
+def _sampler(cfg: DictConfig, tables: TableSettings | None) -> str:
+    sampler = _value(cfg, "data.sampler")
+    if sampler == "balanced" and tables is not None and tables.label_delim is not None:
+        raise VisiontuneError(
+            "data.sampler=balanced draws by class, and a multi-label image has several: use "
+            "data.sampler=shuffle with data.label_delim (loss.class_weights=auto weighs rare labels)"
+        )
+    if sampler not in SAMPLERS:
+        raise VisiontuneError(
+            f"data.sampler={sampler} must be shuffle (each image once per epoch) or balanced (each class "
+            f"drawn equally often)"
+        )
+    return sampler
+
+
+def _threshold(cfg: DictConfig) -> float:
+    threshold = _value(cfg, "predict.threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1:
+        raise VisiontuneError(
+            f"predict.threshold={threshold} must be a probability between 0 and 1, e.g. 0.5"
+        )
+    return float(threshold)
+
+
+def _table_settings(data: DictConfig) -> TableSettings | None:
+    """data=csv's keys (None for a folder of images): the training CSV is required."""
+    if OmegaConf.select(data, "train_csv", default=_ABSENT) is _ABSENT and not OmegaConf.is_missing(
+        data, "train_csv"
+    ):  # not data=csv (`in` would answer False for data=csv's missing ??? too)
+        return None
+    if OmegaConf.is_missing(data, "train_csv") or data.train_csv is None:
+        raise VisiontuneError(
+            "data.train_csv is required for data=csv: data.train_csv=/path/to/train.csv (columns path,label)"
+        )
+    delim = data.label_delim
+    if delim is not None and (not isinstance(delim, str) or not delim):
+        raise VisiontuneError(f"data.label_delim={delim!r} must be null (one label) or a character, e.g. '|'")
+    optional = {
+        key: None if data[key] is None else str(data[key]) for key in ("val_csv", "test_csv", "image_root")
+    }
+    image_root = optional.pop("image_root") or str(Path(str(data.train_csv)).parent)
+    return TableSettings(
+        train_csv=str(data.train_csv),
+        **optional,
+        image_root=image_root,
+        path_column=str(data.path_column),
+        label_column=str(data.label_column),
+        label_delim=delim,
     )
 
 
@@ -436,7 +542,18 @@ def _optim_settings(cfg: DictConfig) -> OptimSettings:
         decay_norm_and_bias=_value(cfg, "optimizer.decay_norm_and_bias"),
         per_batch=bool(cfg.scheduler) and _value(cfg, "scheduler.interval") == "batch",
         label_smoothing=smoothing,
+        class_weights=_class_weights(cfg),
     )
+
+
+def _class_weights(cfg: DictConfig) -> str | None:
+    weights = _value(cfg, "loss.class_weights")
+    if weights not in CLASS_WEIGHTS:
+        raise VisiontuneError(
+            f"loss.class_weights={weights} must be null (every class alike) or auto (each class weighted "
+            f"by its inverse frequency in the training split)"
+        )
+    return weights
 
 
 def _checkpoint_settings(checkpoint: DictConfig) -> CheckpointSettings:

@@ -30,6 +30,7 @@ class PhaseResult:
     seconds: float
     first_nonfinite_batch: int | None = None  # 1-based: the first batch whose loss was nan or inf
     batches: int = 0
+    extra: dict = field(default_factory=dict)  # multi-label: mAP, micro_f1, macro_f1 (acc is mAP)
 
 
 class NonFiniteLoss(VisiontuneError):
@@ -63,7 +64,8 @@ class Training:
 class _Tally:
     """Loss and accuracy summed on the device; read back once per phase, not once per batch."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, criterion: nn.Module | None = None):
+        self.threshold = getattr(criterion, "threshold", 0.5)  # multi-label: F1's threshold (tasks.py)
         self.loss = torch.zeros((), device=device)  # float32: MPS has no float64
         self.correct = torch.zeros((), device=device, dtype=torch.int64)
         # The first batch with a non-finite loss, kept on the device: checking each batch on the
@@ -71,13 +73,17 @@ class _Tally:
         self.first_bad = torch.full((), -1, device=device, dtype=torch.int64)
         self.count = 0
         self.batches = 0
+        self.kept: list = []  # multi-label: (probabilities, targets) per batch, for the phase's mAP
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.batches += 1
         loss = loss.detach()
-        self.loss += loss * labels.numel()
-        self.correct += (logits.argmax(dim=1) == labels).sum()
-        self.count += labels.numel()
+        self.loss += loss * labels.shape[0]
+        if labels.dim() > 1:  # multi-hot targets: scored over the whole phase (tasks.py), not per image
+            self.kept.append((torch.sigmoid(logits.detach().float()).cpu(), labels.cpu()))
+        else:
+            self.correct += (logits.argmax(dim=1) == labels).sum()
+        self.count += labels.shape[0]
         first = (self.first_bad < 0) & ~torch.isfinite(loss)
         self.first_bad = torch.where(first, self.batches, self.first_bad)
 
@@ -91,13 +97,26 @@ class _Tally:
         count = max(count, 1)
         first_bad = int(self.first_bad.item())
         first_bad = distributed.min_over_ranks(first_bad if first_bad > 0 else math.inf, device)
+        extra = self._multilabel(device)
         return PhaseResult(
             loss / count,
-            correct / count,
+            extra["mAP"] if extra else correct / count,
             seconds,
             first_nonfinite_batch=int(first_bad) if first_bad < math.inf else None,
             batches=self.batches,
+            extra=extra,
         )
+
+    def _multilabel(self, device) -> dict[str, float]:
+        """A multi-label phase's mAP and F1s; under torchrun the mean of the ranks' (the same on each)."""
+        if not self.kept:
+            return {}
+        from visiontune import tasks
+
+        scores, targets = (torch.cat(part) for part in zip(*self.kept, strict=True))
+        metrics = tasks.multilabel_metrics(scores, targets, self.threshold)
+        summed = distributed.sum_over_ranks(list(metrics.values()), device)
+        return {key: value / distributed.world_size() for key, value in zip(metrics, summed, strict=True)}
 
 
 def train_one_epoch(
@@ -119,7 +138,7 @@ def train_one_epoch(
         trained = frozen.rest if frozen is not None else model.module
     start = _clock(runtime.device)
     model.train_mode()
-    tally = _Tally(runtime.device)
+    tally = _Tally(runtime.device, training.criterion)
     batches = frozen.batches(loader, runtime, per_pass) if frozen is not None else _whole(loader, runtime)
     for inputs, labels in tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None):
         with runtime.autocast():
@@ -170,7 +189,7 @@ def evaluate(
     """
     start = _clock(runtime.device)
     model.eval()
-    tally = _Tally(runtime.device)
+    tally = _Tally(runtime.device, criterion)
     batches = cache.logits(loader, runtime) if cache else _logits(model, loader, runtime)
     for logits, labels in tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None):
         with runtime.autocast():

@@ -26,6 +26,7 @@ from visiontune import (
     recorder,
     resume,
     runtime,
+    tasks,
 )
 from visiontune.config import Job, Mode, Settings
 
@@ -67,7 +68,9 @@ def train(cfg: DictConfig, job: Job, device: torch.device, record) -> float:
         record.resumed(saved, progress, settings.epochs)
         result = engine.fit(setup.training, loaders, epoch_ended(record), progress)
         same_on_every_rank(setup.prepared.module)
+        tested = score_test_split(setup)
         record.finished(result, setup, skipped_images(setup.checked, setup.loaders, device))
+        record.tested(tested, setup.checked)
         data.close(setup.loaders)
     record.done(settings)
     return result.best_acc
@@ -107,7 +110,7 @@ class SetUp:
 
 
 def set_up(settings: Settings, job: Job, device: torch.device) -> SetUp:
-    checked = check_data(settings.data, job.launch_dir)
+    checked = check_data(settings.data, job.launch_dir, settings.seed)
     runtime.make_deterministic(settings.runtime.deterministic)
     torch.manual_seed(settings.seed)  # every rank starts from the same weights (DDP also copies rank 0's)
     weights = models.resolve_weights(settings.model.arch, settings.weights, job.launch_dir)
@@ -116,8 +119,40 @@ def set_up(settings: Settings, job: Job, device: torch.device) -> SetUp:
     val_bytes = data.replay_bytes(len(checked.samples["val"]), prepared.spec.input_size)
     shares = CacheShares.divide(settings.data.cache_bytes, val_bytes, prepared)
     loaders = build_loaders(settings, checked, prepared, device, shares)
-    training = build_training(settings, prepared, device, len(loaders["train"]), shares.backbone_bytes)
+    steps = len(loaders["train"])
+    training = build_training(
+        settings, prepared, device, steps, shares.backbone_bytes, loss_of(settings, checked)
+    )
     return SetUp(checked, prepared, loaders, training)
+
+
+def loss_of(settings: Settings, checked: data.CheckedData) -> torch.nn.Module:
+    """Cross-entropy, or BCE for a multi-label run; with loss.class_weights=auto, weighted by the
+    training split's class frequencies (tasks.class_weights)."""
+    weights = None
+    if settings.optim.class_weights == "auto":
+        labels = [label for _, label in checked.samples["train"]]
+        weights = tasks.class_weights(labels, len(checked.classes), checked.multilabel)
+        shown = ", ".join(
+            f"{name} {w:.3g}" for name, w in zip(checked.classes, weights.tolist(), strict=True)
+        )
+        log.info("loss.class_weights=auto: %s", shown)
+    return tasks.criterion(
+        checked.multilabel, settings.optim.label_smoothing, weights, settings.data.threshold
+    )
+
+
+def score_test_split(setup: SetUp) -> tuple[dict, torch.Tensor | None] | None:
+    """The best weights scored once on the test split, where the run has one (every rank: each
+    scores its shard); None without a test split."""
+    if "test" not in setup.loaders:
+        return None
+    training = setup.training
+    return tasks.score(
+        setup.prepared.module,
+        setup.loaders["test"],
+        *(training.criterion, training.runtime, setup.checked.classes, setup.checked.multilabel),
+    )
 
 
 def same_on_every_rank(module: torch.nn.Module) -> None:
@@ -127,22 +162,25 @@ def same_on_every_rank(module: torch.nn.Module) -> None:
         log.info("final weights identical on all %d ranks (sha256 %s)", distributed.world_size(), digest)
 
 
-def check_data(settings: config.DataSettings, launch_dir: Path) -> data.CheckedData:
-    """The data folder (downloaded first where it is missing and a URL is known), checked."""
-    root = (launch_dir / settings.root).resolve()
-    with distributed.main_first():  # under torchrun one rank downloads; the others find the folder
-        data.prepare_root(root, settings.url, settings.md5, settings.tree_sha256)
-    return data.check_folder(root, settings.skip_bad_images, settings.max_image_pixels)
+def check_data(settings: config.DataSettings, launch_dir: Path, seed: int) -> data.CheckedData:
+    """The data folder (downloaded first where it is missing and a URL is known) or CSV tables,
+    split and checked."""
+    if settings.tables is None:
+        root = (launch_dir / settings.root).resolve()
+        with distributed.main_first():  # under torchrun one rank downloads; the others find the folder
+            data.prepare_root(root, settings.url, settings.md5, settings.tree_sha256)
+    return data.check_data(settings, launch_dir, seed)
 
 
 def announce(prepared: models.PreparedModel, mode: Mode, checked: data.CheckedData, device) -> None:
     trainable, total = prepared.parameter_counts()
     counts = {split: len(samples) for split, samples in checked.samples.items()}
     ranks = f" x {distributed.world_size()} ranks" if distributed.world_size() > 1 else ""
+    test = f" / {counts['test']} test" if "test" in counts else ""
     log.info(
-        "%s %s on %s%s: %d classes, %d train / %d val images, %s of %s parameters train",
+        "%s %s on %s%s: %d classes, %d train / %d val%s images, %s of %s parameters train",
         *(prepared.spec.name, mode.name, device, ranks, len(checked.classes), counts["train"], counts["val"]),
-        *(f"{trainable:,}", f"{total:,}"),
+        *(test, f"{trainable:,}", f"{total:,}"),
     )
 
 
@@ -189,6 +227,8 @@ def build_loaders(
         augment=settings.augment,
         rank=distributed.rank(),
         world_size=distributed.world_size(),
+        sampler=settings.data.sampler,
+        num_labels=len(checked.classes) if checked.multilabel else 0,
     )
     loaders = data.build_loaders(checked.samples, loader_settings)
     if shares.val_replay:
@@ -202,6 +242,7 @@ def build_training(
     device,
     steps_per_epoch: int,
     backbone_cache_bytes: int,
+    criterion: torch.nn.Module | None = None,
 ) -> engine.Training:
     """Loss, optimiser, schedule, precision and memory layout around the prepared model."""
     amp_dtype, channels_last = runtime.precision_and_layout(
@@ -219,7 +260,7 @@ def build_training(
     scheduler = optim.build_scheduler(settings.optim, optimizer, settings.epochs, steps_per_epoch)
     return engine.Training(
         model=prepared,
-        criterion=torch.nn.CrossEntropyLoss(label_smoothing=settings.optim.label_smoothing),
+        criterion=(criterion or tasks.criterion(False, settings.optim.label_smoothing, None)).to(device),
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import os
@@ -268,10 +269,11 @@ class ImageModel:
         return self.module
 
     def probabilities(self, images, tta: bool = False):
-        """Class probabilities (N, classes) in float32 on the CPU, for a uint8 batch (N, 3, S, S);
-        with tta the mean over the test-time views (view_probabilities)."""
+        """Class probabilities (N, classes) in float32 on the CPU, for a uint8 batch (N, 3, S, S)
+        (multi-label: each label's own); with tta the mean over the test-time views (view_probabilities)."""
         inputs = self.preprocess.normalize(images.to(self.device))
-        return view_probabilities(self.module, inputs, tta).mean(0).cpu()
+        multilabel = bool(self.spec.get("multilabel"))
+        return view_probabilities(self.module, inputs, tta, multilabel).mean(0).cpu()
 
     def predict(self, model_input, params: dict | None = None):
         import pandas as pd
@@ -320,6 +322,9 @@ class ImageModel:
         import torch
 
         scores, indices = torch.topk(probabilities, min(k, probabilities.shape[0]))
+        if self.spec.get("multilabel"):  # every label at the threshold or more, at least the best k
+            chosen = int((probabilities >= self.spec.get("threshold", 0.5)).sum())
+            scores, indices = torch.topk(probabilities, max(min(k, probabilities.shape[0]), chosen))
         names = [self.classes[i] for i in indices.tolist()]
         return {
             "class": names[0],
@@ -330,16 +335,17 @@ class ImageModel:
         }
 
 
-def view_probabilities(module, inputs, tta: bool):
-    """Softmax probabilities (views, N, classes) in float32 of a normalised batch (N, 3, S, S):
-    one view without tta; with tta (test-time augmentation) the batch and its mirror image, as
-    torchvision's and fastai's TTA flip, run through the model as one batch."""
+def view_probabilities(module, inputs, tta: bool, multilabel: bool = False):
+    """Probabilities (views, N, classes) in float32 of a normalised batch (N, 3, S, S), softmax (or
+    each label's sigmoid where multilabel): one view without tta; with tta (test-time augmentation)
+    the batch and its mirror image, as torchvision's and fastai's TTA flip, run as one batch."""
     import torch
 
     views = [inputs, inputs.flip(-1)] if tta else [inputs]
     with torch.inference_mode():
         logits = module(torch.cat(views))
-    return torch.softmax(logits.float(), dim=1).view(len(views), len(inputs), -1)
+    squash = torch.sigmoid if multilabel else functools.partial(torch.softmax, dim=1)
+    return squash(logits.float()).view(len(views), len(inputs), -1)
 
 
 class Budget:

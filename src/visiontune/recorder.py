@@ -73,6 +73,9 @@ class NullRecorder:
     def finished(self, result: engine.FitResult, setup: SetUp, skipped: int) -> None:
         pass
 
+    def tested(self, tested: tuple | None, checked) -> None:
+        pass
+
     def done(self, settings: Settings) -> None:
         pass
 
@@ -134,6 +137,8 @@ class RunRecorder:
             digests = store.log_datasets(checked.root, checked.classes, checked.samples)
             store.log_params(run_params(cfg, settings, setup, device) | digests)
             store.log_params(provenance(self.job.launch_dir, setup.prepared.weights))
+        else:
+            self._same_splits(setup.checked)
         # The process tells a dead process's run from a live one. The checkpoint folder is tagged
         # once a checkpoint is in it: until then a continued run keeps pointing at its earlier one.
         marks = {tags.PROCESS: store.this_process(), tags.OUTPUT_DIR: str(self.job.output_dir)}
@@ -142,6 +147,19 @@ class RunRecorder:
         store.set_tags(marks)
         self.startup = StartupClock(setup.loaders["train"], self.job.started)
         return setup.loaders | {"train": self.startup}
+
+    def _same_splits(self, checked) -> None:
+        """A continued run trains on the splits it started with: a warning names each that changed
+        (files added, removed or changed since; the split itself is the same for the same files)."""
+        logged = self.where.client.get_run(self.run_id).data.params
+        now = store.split_digests(checked.root, checked.classes, checked.samples)
+        changed = [key for key, digest in now.items() if logged.get(key, digest) != digest]
+        if changed:
+            log.warning(
+                "resume: the data differs from what run %s started with (%s changed): its files "
+                "were added, removed or changed since",
+                *(self.run_id, ", ".join(changed)),
+            )
 
     def resumed(self, saved: checkpoint.Saved | None, progress: engine.Progress | None, epochs: int) -> None:
         """Any epoch the checkpoint holds but the run never logged (killed in between), logged now."""
@@ -164,9 +182,20 @@ class RunRecorder:
             store.log_metrics(metrics, step=r.epoch)
         self.startup.record(step=r.epoch)
         epochs = self.settings.epochs
+        score = "mAP" if r.val.extra else "acc"  # multi-label: the best epoch is chosen by mAP
         log.info(
-            "epoch %*d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs%s",
-            *(len(str(epochs)), r.epoch, epochs, r.train.loss, r.train.acc, r.val.loss, r.val.acc),
+            "epoch %*d/%d  train loss %.4f %s %.4f | val loss %.4f %s %.4f | %.1fs%s",
+            *(
+                len(str(epochs)),
+                r.epoch,
+                epochs,
+                r.train.loss,
+                score,
+                r.train.acc,
+                r.val.loss,
+                score,
+                r.val.acc,
+            ),
             *(r.seconds, "  * best" if r.improved else ""),
         )
 
@@ -196,6 +225,8 @@ class RunRecorder:
         store.delete_tag(tags.RESUME_COMMAND)  # a run that ends has nothing left to continue
         store.log_metrics({"skipped_images": skipped})
         store.log_metrics({"best_val_acc": result.best_acc, "best_epoch": result.best_epoch})
+        if setup.checked.multilabel:  # best_val_acc holds the score the best epoch was chosen by
+            store.log_metrics({"best_val_mAP": result.best_acc})
         curves = {f"{setup.prepared.spec.name}-{self.settings.mode.name}": result.val_curve}
         store.log_figure(report.accuracy_curves(curves, "Validation accuracy"), "val_acc.png")
         log.info(
@@ -205,7 +236,26 @@ class RunRecorder:
         if self.settings.mlflow.log_model:
             # A sweep registers only its best child, at its end (sweep.py).
             registered = self.settings.mlflow.registered_model_name if self.job.number is None else None
-            log_model(setup.prepared, setup.checked.classes, setup.loaders["val"], registered)
+            log_model(
+                setup.prepared, setup.checked, setup.loaders["val"], registered, self.settings.data.threshold
+            )
+
+    def tested(self, tested: tuple | None, checked) -> None:
+        """The test split's scores with the best weights (test_acc, test_loss, balanced accuracy,
+        macro F1, per class; mAP for multi-label) and its confusion matrix; nothing without one."""
+        if tested is None:
+            return
+        metrics, counts = tested
+        store.log_metrics({f"test_{key}": value for key, value in metrics.items()})
+        if counts is not None:
+            store.log_figure(
+                report.confusion_matrix(counts.tolist(), checked.classes), "test_confusion_matrix.png"
+            )
+        score = "mAP" if checked.multilabel else "acc"
+        log.info(
+            "test %s %.4f, loss %.4f on %d images (the best epoch's weights, scored once)",
+            *(score, metrics[score], metrics["loss"], metrics["images"]),
+        )
 
     def done(self, settings: Settings) -> None:
         """After the run FINISHED: its checkpoint files go (the best model is in MLflow), unless kept."""
@@ -231,6 +281,7 @@ class RunRecorder:
 def epoch_metrics(r: engine.EpochReport) -> dict[str, float]:
     metrics = {"train_loss": r.train.loss, "train_acc": r.train.acc, "val_loss": r.val.loss}
     metrics |= {"val_acc": r.val.acc, "epoch_seconds": r.seconds, "lr": r.lrs[HEAD_GROUP]}
+    metrics |= {f"val_{key}": value for key, value in r.val.extra.items()}  # multi-label: mAP, F1s
     if len(r.lrs) > 1:  # layer-wise rates, and how many groups trained (staged unfreezing)
         metrics |= {f"lr_{name}": lr for name, lr in r.lrs.items() if name != HEAD_GROUP}
         metrics["trainable_groups"] = len(r.trainable)
@@ -288,6 +339,7 @@ def run_params(cfg: DictConfig, settings: Settings, setup: SetUp, device) -> dic
             "classes": ",".join(checked.classes),
             "train_images": len(checked.samples["train"]),
             "val_images": len(checked.samples["val"]),
+            **data_facts(checked, setup.training.criterion),
             "skipped_images": checked.skipped,
             "trainable_params": trainable,
             "total_params": total,
@@ -298,6 +350,20 @@ def run_params(cfg: DictConfig, settings: Settings, setup: SetUp, device) -> dic
             "global_batch_size": settings.batch_size * world,
         }
     )
+
+
+def data_facts(checked, criterion) -> dict:
+    """The test split's size, whether labels are multi-label, and loss.class_weights=auto's weights."""
+    facts: dict = {"multilabel": str(checked.multilabel).lower()}
+    if "test" in checked.samples:
+        facts["test_images"] = len(checked.samples["test"])
+    weights = getattr(criterion, "pos_weight" if checked.multilabel else "weight", None)
+    if weights is not None:
+        names = [re.sub(r"[^\w\-./ ]", "_", name) for name in checked.classes]  # MLflow's key characters
+        facts |= {
+            f"loss.class_weight.{name}": round(w, 6) for name, w in zip(names, weights.tolist(), strict=True)
+        }
+    return facts
 
 
 def provenance(launch_dir: Path, weights: models.Weights | None) -> dict[str, str]:
@@ -340,7 +406,9 @@ def git_state(folder: Path) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
-def log_model(prepared: models.PreparedModel, classes: list[str], val_loader, registered_name: str | None):
+def log_model(
+    prepared: models.PreparedModel, checked, val_loader, registered_name: str | None, threshold=0.5
+):
     """The best model as users will use it: weights, class names and preprocessing, one image as
     its example (an encoded JPEG of a few kB, where a float tensor made a 7.5 MB JSON file)."""
     from torchvision.io import encode_jpeg
@@ -349,7 +417,8 @@ def log_model(prepared: models.PreparedModel, classes: list[str], val_loader, re
 
     spec = prepared.spec
     distributed.plain_batchnorm(prepared.module)  # the logged model runs in one process
-    model = classifier.Classifier(prepared.module, classes, spec.input_size, spec.name, spec.arch)
+    model = classifier.Classifier(prepared.module, checked.classes, spec.input_size, spec.name, spec.arch)
+    model.multilabel, model.threshold = checked.multilabel, threshold
     image = next(iter(val_loader))[0][0].cpu()
     example = encode_jpeg(image, quality=90).numpy().tobytes()
     store.log_model(model, example, registered_name)

@@ -15,6 +15,12 @@ COLUMNS = (
     *("train_seconds", "trainable_params", "run_id", "error"),
 )
 FIGURE_TITLE = "Validation accuracy vs. number of training epochs"
+# Where runs have a test split: its scores with each run's best weights, shown beside best_val_acc.
+TEST_COLUMNS = ("test_acc", "test_balanced_acc", "test_macro_f1")
+RANKED_BY = (
+    "Ranked by best_val_acc (the val split chose each run's best epoch); test_acc, the best weights "
+    "scored once on the test split, is shown beside it and not ranked by."
+)
 
 
 def select_runs(client, experiment: str | None = None, parent: str | None = None, run_ids=()) -> list:
@@ -74,6 +80,10 @@ def leaderboard(client, runs: Sequence) -> tuple[list[dict], dict[str, list[floa
         curves[label] = [m.value for m in sorted(history, key=lambda m: m.step)]
         seconds = client.get_metric_history(run.info.run_id, "epoch_seconds")
         rows.append(_row(run, label, extra, seconds))
+    if not any(row["test_acc"] is not None for row in rows):
+        for row in rows:
+            for column in TEST_COLUMNS:
+                del row[column]
     datasets = {row["data"] for row in rows}
     rows.sort(key=lambda r: (r["data"], r["best_val_acc"] is None, -(r["best_val_acc"] or 0.0), r["run"]))
     if len(datasets) == 1:
@@ -98,6 +108,7 @@ def _row(run, label: str, extra: list[str], seconds: list) -> dict:
         **{key: params.get(key, tagged.get(key, "")) for key in extra},
         "status": run.info.status,
         "best_val_acc": metrics.get("best_val_acc"),
+        **{column: metrics.get(column) for column in TEST_COLUMNS},
         "best_epoch": int(metrics["best_epoch"]) if "best_epoch" in metrics else None,
         "train_seconds": round(sum(m.value for m in seconds), 1) if seconds else None,
         "trainable_params": params.get("trainable_params", ""),
@@ -117,7 +128,8 @@ def to_markdown(rows: Sequence[dict]) -> str:
     for row in rows:
         cells = [_cell(row[c], "{:.1f}" if c == "train_seconds" else "{:.4f}") for c in shown]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    ranked = f"\n{RANKED_BY}\n" if "test_acc" in shown else ""
+    return "\n".join(lines) + "\n" + ranked
 
 
 def _cell(value, float_format: str) -> str:

@@ -128,10 +128,9 @@ def _check_values(cfg: DictConfig, rank: int) -> None:
 def _check_paths(settings: config.Settings, launch_dir: Path) -> None:
     """The data folder's layout and the weights file, cheaply (no image opened, no torch): a wrong
     path is answered in a second, before a run exists. What needs torch is checked in the run."""
-    from visiontune.data import folders  # its layout check needs no torch
+    from visiontune.data import sources  # its checks need no torch
 
-    data = settings.data
-    folders.check_layout((launch_dir / data.root).resolve(), downloads=bool(data.url))
+    sources.check_source(settings.data, launch_dir)
     weights = config.weights_file(settings.weights, settings.mode, launch_dir)
     if weights is not None and not weights.is_file():
         raise VisiontuneError(

@@ -49,8 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from visiontune import VisiontuneError, user_message
 
     try:
-        folder = labelled_folder(args.data)
-        text = evaluate(args, folder, commands.model_store_uri(parser, args))
+        if args.data.suffix.lower() == ".csv":  # a multi-label model's labels: a CSV
+            text = evaluate_table(args, commands.model_store_uri(parser, args))
+        else:
+            text = evaluate(args, labelled_folder(args.data), commands.model_store_uri(parser, args))
     except (VisiontuneError, MlflowException, OSError) as err:  # OSError: an --out folder we cannot write
         print(f"{PROG}: error: {user_message(err).splitlines()[0]}", file=sys.stderr)
         return 1
@@ -71,7 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         metavar="DIR",
-        help="labelled images: DIR/val/<class>/ where DIR has a val/ of class folders, else DIR/<class>/",
+        help="labelled images: DIR/val/<class>/ where DIR has a val/ of class folders, else DIR/<class>/; "
+        "for a multi-label model a CSV of path,label rows (labels divided by --label-delim)",
+    )
+    parser.add_argument("--label-delim", default="|", help="a CSV's multi-label separator (default |)")
+    parser.add_argument(
+        "--image-root", type=Path, help="a CSV's image paths are relative to this (default: its folder)"
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
@@ -216,6 +223,7 @@ class Scores:
     f1: torch.Tensor  # (C,) NaN where the class has no images; 0 where none of them is found
     support: torch.Tensor  # (C,) images of each class
     macro_f1: float  # the mean F1 over the classes that have images
+    balanced_accuracy: float = float("nan")  # the mean recall over the classes that have images
 
 
 def scores(targets: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> Scores:
@@ -239,6 +247,7 @@ def scores(targets: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> 
         f1=f1,
         support=support,
         macro_f1=f1[present].mean().item(),
+        balanced_accuracy=(hits / support.clamp(min=1))[present].mean().item(),
     )
 
 
@@ -281,6 +290,7 @@ def eval_metrics(evaluation: Evaluation) -> dict[str, float]:
     """eval_accuracy, eval_macro_f1, and each shown class's precision, recall and F1 where defined."""
     result, keys = evaluation.scores, metric_keys(evaluation.classes)
     metrics = {"eval_accuracy": result.accuracy, "eval_macro_f1": result.macro_f1}
+    metrics["eval_balanced_accuracy"] = result.balanced_accuracy
     for which in ("precision", "recall", "f1"):
         values = getattr(result, which)
         for i in evaluation.shown:
@@ -329,9 +339,14 @@ def per_class_rows(evaluation: Evaluation) -> list[dict]:
 
 def evaluate(args: argparse.Namespace, folder: LabelledFolder, uri: str) -> str:
     """Load the model, score it on the folder in an MLflow run; the text to print."""
-    from visiontune import flavor, runtime, store
+    from visiontune import VisiontuneError, flavor, runtime, store
 
     clf = flavor.load(args.model, uri)
+    if clf.multilabel:
+        raise VisiontuneError(
+            f"{args.model} is a multi-label model: give --data a CSV of path,label rows (labels divided "
+            f"by {args.label_delim!r}), not a folder of class folders"
+        )
     to_model = model_indices(folder.classes, clf.classes)  # refused before any run exists
     clf.to(runtime.pick_device(args.device))
     experiment_id, source_here = evaluation_experiment(uri, clf.run_id, args.experiment)
@@ -355,6 +370,50 @@ def evaluate(args: argparse.Namespace, folder: LabelledFolder, uri: str) -> str:
         lines = summary(evaluation)
         store.set_tags({store.tags.NOTE: f"Evaluation of {given}:\n\n" + "\n\n".join(lines[:2])})
     return "\n".join([*lines, where_to_see(args.tracking_uri, uri, experiment_id, run.info.run_id)])
+
+
+def evaluate_table(args: argparse.Namespace, uri: str) -> str:
+    """A multi-label model scored on a CSV in an MLflow run: mAP, micro and macro F1 at the
+    threshold its training run set (predict.threshold); the text to print."""
+    import torch
+
+    from visiontune import VisiontuneError, classifier, flavor, runtime, store, tasks
+    from visiontune.data import table
+
+    clf = flavor.load(args.model, uri)
+    if not clf.multilabel:
+        raise VisiontuneError(f"{args.model} is a single-label model: give --data a folder of class folders")
+    rows = table.read_rows(
+        args.data, args.image_root or args.data.parent, table.Columns(delimiter=args.label_delim)
+    )
+    index = {name: i for i, name in enumerate(clf.classes)}
+    if unknown := sorted({label for _, labels in rows for label in labels} - set(index)):
+        raise VisiontuneError(f"{args.data}: labels the model does not know: {unknown[:5]}")
+    targets = torch.stack([data_rows(labels, index) for _, labels in rows])
+    clf.to(runtime.pick_device(args.device))
+    experiment_id, _ = evaluation_experiment(uri, clf.run_id, args.experiment)
+    folder = LabelledFolder(args.data.resolve(), args.data.resolve().parent, clf.classes, [])
+    with store.tracked_run(uri, run_start(experiment_id, model_reference(args.model), folder, clf)) as run:
+        store.log_params({"data": str(args.data), "images": len(rows), "batch_size": args.batch_size})
+        found, probabilities = [], []
+        for indices, chunk in classifier.classify_files(
+            clf, [p for p, _ in rows], args.batch_size, args.num_workers
+        ):
+            found += indices.tolist()
+            probabilities.append(chunk)
+        metrics = tasks.multilabel_metrics(torch.cat(probabilities), targets[found], clf.threshold)
+        store.log_metrics({f"eval_{key}": value for key, value in metrics.items()})
+    lines = [f"{key}  {value:.4f}" for key, value in metrics.items()]
+    unreadable = len(rows) - len(found)
+    lines.append(f"({len(found)} images of {args.data}, {unreadable} unreadable; threshold {clf.threshold})")
+    return "\n".join([*lines, where_to_see(args.tracking_uri, uri, experiment_id, run.info.run_id)])
+
+
+def data_rows(labels: Sequence[str], index: dict[str, int]):
+    """One image's labels as a multi-hot row over the model's classes."""
+    from visiontune.data.loaders import multi_hot
+
+    return multi_hot([index[label] for label in labels], len(index))
 
 
 def evaluation_experiment(uri: str, source_run_id: str, name: str | None) -> tuple[str, bool]:
@@ -490,6 +549,7 @@ def summary(evaluation: Evaluation) -> list[str]:
     lines = [
         f"accuracy  {result.accuracy:.4f}  ({images} images of {where}, {predictions.skipped} skipped)",
         f"macro F1  {result.macro_f1:.4f}  (mean over the {present} classes with images)",
+        f"balanced accuracy  {result.balanced_accuracy:.4f}  (mean recall over those classes)",
         *tta_lines(evaluation),
         "",
         report.to_markdown(rows).rstrip("\n"),

@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
         "paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs"
     )
     parser.add_argument("--top-k", type=int, default=1, help="how many classes to list per image (default 1)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="multi-label models: list every label this probable or more (default: predict.threshold)",
+    )
     parser.add_argument("--format", choices=("csv", "json"), default="csv")
     parser.add_argument("--out", type=Path, help="file to write (default: standard output)")
     parser.add_argument(
@@ -75,6 +80,8 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1 or args.num_workers < 0:
         parser.error("--top-k and --batch-size take 1 or more, --num-workers 0 or more")
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        parser.error(f"--threshold {args.threshold}: give a probability between 0 and 1, e.g. 0.5")
     logging.basicConfig(format="visiontune-predict: %(levelname)s: %(message)s", level=logging.WARNING)
     if args.out and not args.out.parent.is_dir():
         parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
@@ -84,7 +91,8 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
 def _write_rows(rows: list[dict], args: argparse.Namespace) -> int:
     """Write the rows where --out says; the exit code."""
     try:
-        write(rows, args.format, args.out, args.top_k)
+        width = max([args.top_k, *(len(row["classes"]) for row in rows)])  # multi-label: every label listed
+        write(rows, args.format, args.out, width)
     except BrokenPipeError:  # `visiontune-predict ... | head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's advice, for exit
         return 1
@@ -134,11 +142,21 @@ def predict(args: argparse.Namespace, paths: list[str], uri: str) -> list[dict]:
         model, [paths[i] for i in files], args.batch_size, args.num_workers, score
     )
     for indices, probabilities in batches:
-        scores, classes = classifier.top_k(probabilities, args.top_k)
-        for row, top, names in zip(indices.tolist(), scores.tolist(), classes.tolist(), strict=True):
-            named = [model.classes[i] for i in names]
-            rows[files[row]] |= {"classes": named, "probabilities": top, "error": ""}
+        for row, chosen in zip(indices.tolist(), _chosen(model, probabilities, args), strict=True):
+            named = [model.classes[i] for i, _ in chosen]
+            rows[files[row]] |= {"classes": named, "probabilities": [p for _, p in chosen], "error": ""}
     return rows
+
+
+def _chosen(model, probabilities, args: argparse.Namespace) -> list[list[tuple[int, float]]]:
+    """Per image, (class index, probability) best first: the top k classes, or for a multi-label
+    model every label at the threshold (--threshold, else the model's predict.threshold) or more."""
+    from visiontune import classifier
+
+    if model.multilabel:
+        return classifier.above(probabilities, args.threshold or model.threshold)
+    scores, classes = classifier.top_k(probabilities, args.top_k)
+    return [list(zip(c, s, strict=True)) for c, s in zip(classes.tolist(), scores.tolist(), strict=True)]
 
 
 def _is_regular_file(path: str) -> bool:

@@ -1,6 +1,9 @@
 """Image folders to batches, in the order the data flows: folders -> images -> loaders.
 
+sources.py  a folder of images or CSV tables, decided once; the run's splits checked
 folders.py  where the samples come from: download and verify, the layout, each image's header
+table.py    labels from CSV files, each row checked
+splits.py   the splits a layout lacks, carved seeded and stratified; k-fold selection
 images.py   one file to one model input: guarded decode, the transforms, normalisation
 loaders.py  samples to batches across epochs: datasets, order, caches, worker processes
 
@@ -18,6 +21,7 @@ _MODULE_OF = {
         "CheckedData",
         "Sample",
         "check_folder",
+        "check_samples",
         "check_layout",
         "class_folders",
         "download",
@@ -27,6 +31,8 @@ _MODULE_OF = {
         "prepare_root",
         "tree_digest",
     ),
+    "sources": ("check_data", "check_source", "plan_of"),
+    "splits": ("SplitPlan",),
     "images": (
         "DECODED_SIDE_FACTOR",
         "IMAGENET_MEAN",
@@ -39,6 +45,7 @@ _MODULE_OF = {
     ),
     "loaders": (
         "PROJECT_AFTER",
+        "BalancedDraw",
         "EpochShuffle",
         "ImageFiles",
         "LoaderSettings",

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from visiontune import VisiontuneError
+from visiontune.data import splits
+from visiontune.data.splits import SplitPlan
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+TEST = "test"  # an optional third split folder beside train/ and val/, scored once with the best weights
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, written out so that the layout check needs no torch
 # (tests/test_data_folders.py checks that they stay the same).
@@ -47,18 +51,27 @@ def _missing_root(root: Path) -> VisiontuneError:
 def check_layout(root: Path, downloads: bool) -> None:
     """The layout alone, cheaply (no image is opened): what the CLI checks before a run exists.
 
-    `root` exists (unless it `downloads` from data.url), train/ and val/ hold class folders, at
+    `root` exists (unless it `downloads` from data.url), its split folders (train/ and val/, a
+    test/ where there is one; or root itself, one folder of class folders) hold class folders, at
     least two, and some of them hold image files. check_folder checks the rest in the run.
     """
     if not root.exists():
         if downloads:
             return
         raise _missing_root(root)
-    for split in SPLITS:
+    for split in split_folders(root):
         classes = class_folders(root, split)
         _check_class_count(root, classes)
         if not any(_has_image(root / split / name) for name in classes):
             raise _no_images(root / split, classes)
+
+
+def split_folders(root: Path) -> list[str]:
+    """The split folders under root: train and val (and test, where it is there), or [""] where
+    root has neither train/ nor val/: one folder of class folders, split by the run (splits.py)."""
+    if not (root / "train").is_dir() and not (root / "val").is_dir():
+        return [""]
+    return [*SPLITS, TEST] if (root / TEST).is_dir() else list(SPLITS)
 
 
 def _has_image(folder: Path) -> bool:
@@ -129,46 +142,72 @@ def tree_digest(root: Path) -> str:
 class CheckedData:
     """A folder that passed the checks: its classes and the readable samples of each split."""
 
-    root: Path
+    root: Path  # what sample paths are relative to: the image folder, or data.image_root
     classes: list[str]
-    samples: dict[str, list[Sample]]
+    samples: dict[str, list[Sample]]  # train, val, and test where the run has a test split
     skipped: int  # unreadable images left out up front (with skip_bad)
+    multilabel: bool = False  # labels are tuples of class indices (a CSV with data.label_delim)
 
 
-def check_folder(root: Path, skip_bad: bool, max_image_pixels: int | None = None) -> CheckedData:
-    """The layout checked, each image's header read once, and every class left with images."""
-    classes, samples = find_samples(root)
+def check_folder(
+    root: Path, skip_bad: bool, max_image_pixels: int | None = None, plan: SplitPlan | None = None
+) -> CheckedData:
+    """The layout checked, the splits it lacks carved by `plan`, each image's header read once,
+    and every class left with images."""
+    classes, given = find_samples(root)
+    return check_samples(root, classes, given, plan or SplitPlan(seed=0), (skip_bad, max_image_pixels))
+
+
+def check_samples(
+    root: Path,
+    classes: list[str],
+    given: dict[str, list],
+    plan: SplitPlan,
+    unreadable: tuple,
+    multilabel=False,
+) -> CheckedData:
+    """The given splits completed by `plan` (carved before any image is opened: the split depends
+    on the files listed, not on which of them decode), then each header read once; `unreadable`:
+    (skip_bad, max_image_pixels)."""
+    samples = splits.assign(given, plan, lambda path: Path(os.path.relpath(path, root)).as_posix())
     skipped = 0
-    for split in SPLITS:
-        samples[split], bad = drop_unreadable(samples[split], skip_bad, max_image_pixels)
+    for split in samples:
+        samples[split], bad = drop_unreadable(samples[split], *unreadable)
         skipped += bad
     # After dropping: a class whose every image was unreadable is as empty as an empty folder.
-    _check_class_counts(root, classes, samples)
-    return CheckedData(root, classes, samples, skipped)
+    _check_class_counts(root, classes, samples, multilabel)
+    return CheckedData(root, classes, samples, skipped, multilabel)
 
 
 def find_samples(root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
-    """Class names and (path, label) samples of each split, after checking the layout."""
-    split_classes = {split: class_folders(root, split) for split in SPLITS}
-    if split_classes["train"] != split_classes["val"]:
-        only_train = sorted(set(split_classes["train"]) - set(split_classes["val"]))
-        only_val = sorted(set(split_classes["val"]) - set(split_classes["train"]))
-        raise VisiontuneError(
-            f"train/ and val/ under {root} have different class folders: only in train "
-            f"[{few(only_train)}], only in val [{few(only_val)}]. Both splits need the same class folders."
-        )
-    classes = split_classes["train"]
+    """Class names and (path, label) samples of each split folder (train alone for one folder of
+    class folders), after checking the layout."""
+    names = split_folders(root)
+    split_classes = {split: class_folders(root, split) for split in names}
+    for split in names[1:]:
+        if split_classes[split] != split_classes["train"]:
+            _different_classes(root, split_classes["train"], split_classes[split], split)
+    classes = split_classes[names[0]]
     _check_class_count(root, classes)
     samples = {}
-    for split in SPLITS:
-        samples[split] = [
+    for split in names:
+        samples[split or "train"] = [
             (str(path), label)
             for label, name in enumerate(classes)
             for path in image_files(root / split / name)
         ]
-        if not samples[split]:
+        if not samples[split or "train"]:
             raise _no_images(root / split, classes)
     return classes, samples
+
+
+def _different_classes(root: Path, train: list[str], other: list[str], split: str) -> None:
+    only_train = sorted(set(train) - set(other))
+    only_other = sorted(set(other) - set(train))
+    raise VisiontuneError(
+        f"train/ and {split}/ under {root} have different class folders: only in train "
+        f"[{few(only_train)}], only in {split} [{few(only_other)}]. The splits need the same class folders."
+    )
 
 
 def class_folders(root: Path, split: str) -> list[str]:
@@ -203,26 +242,32 @@ def _image_paths(folder: Path):
     )
 
 
-def _check_class_counts(root: Path, classes: list[str], samples: dict[str, list[Sample]]) -> None:
+def _check_class_counts(
+    root: Path, classes: list[str], samples: dict[str, list[Sample]], multilabel=False
+) -> None:
     """Refuse a class with no training images; warn about one that cannot be validated."""
-    empty = {split: _classes_without_samples(classes, samples[split]) for split in SPLITS}
+    empty = {split: _classes_without_samples(classes, samples[split], multilabel) for split in SPLITS}
     if empty["train"]:
+        where = root / "train" if (root / "train").is_dir() else root
         raise VisiontuneError(
-            f"class folder(s) [{few(empty['train'])}] in {root / 'train'} have no readable images: a class "
-            f"needs training images. Add images there, or remove the folder from train/ and val/."
+            f"class folder(s) [{few(empty['train'])}] in {where} have no readable images: a class "
+            f"needs training images. Add images of it, or remove it from the data."
         )
     if not samples["val"]:
-        raise VisiontuneError(f"{root / 'val'} has no readable images: put some in its class folders.")
+        raise VisiontuneError(
+            f"the val split under {root} has no readable images: put some in its class folders "
+            f"(or raise data.val_fraction)."
+        )
     if empty["val"]:
         log.warning(
             "class folder(s) [%s] in %s have no readable images: they train but are never validated",
             few(empty["val"]),
-            root / "val",
+            root / "val" if (root / "val").is_dir() else f"the val split of {root}",
         )
 
 
-def _classes_without_samples(classes: list[str], samples: list[Sample]) -> list[str]:
-    labels = {label for _, label in samples}
+def _classes_without_samples(classes: list[str], samples: list[Sample], multilabel=False) -> list[str]:
+    labels = {x for _, label in samples for x in label} if multilabel else {label for _, label in samples}
     return [name for label, name in enumerate(classes) if label not in labels]
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visiontune import VisiontuneError, augment
 from visiontune.config import AugmentSettings
-from visiontune.data.folders import SPLITS, Sample
+from visiontune.data.folders import Sample
 from visiontune.data.images import DECODED_SIDE_FACTOR, TooManyPixels, decode, transforms
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class ImageFiles(Dataset):
         self.skip_bad = skip_bad
         self.max_image_pixels = max_image_pixels
         self.decoded: list[torch.Tensor | None] | None = None  # set by build_loaders where it fits
+        # A multi-label dataset's labels are tuples of class indices, handed out as multi-hot rows.
+        self.num_labels = 0
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -52,6 +54,8 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         epoch, index = divmod(index, len(self.samples))
         path, label = self.samples[index]
+        if self.num_labels:
+            label = multi_hot(label, self.num_labels)
         pixels = self.decoded[index] if self.decoded is not None else self.read(path)
         if pixels is None:
             return None
@@ -77,6 +81,13 @@ class ImageFiles(Dataset):
                 f"image {path} does not decode ({err}). Replace it, or pass "
                 f"data.skip_bad_images=true to leave such files out."
             ) from err
+
+
+def multi_hot(labels: Sequence[int], num_labels: int) -> torch.Tensor:
+    """A multi-label image's class indices as a float row of 0s and 1s (BCE's targets)."""
+    row = torch.zeros(num_labels)
+    row[list(labels)] = 1.0
+    return row
 
 
 PROJECT_AFTER = 32  # images decoded before their average size predicts the whole split's
@@ -139,12 +150,29 @@ class EpochShuffle(Sampler):
     def __len__(self) -> int:
         return -(-self.size // self.world)
 
+    def order(self) -> torch.Tensor:
+        """This epoch's order of the indices, before sharding."""
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
+
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(
-            self.size, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-        )
+        order = self.order()
         padded = order.repeat(-(-len(self) * self.world // self.size))[: len(self) * self.world]
         return iter((padded[self.rank :: self.world] + self.epoch * self.size).tolist())
+
+
+class BalancedDraw(EpochShuffle):
+    """data.sampler=balanced: an epoch of as many draws as images, with replacement, each class
+    equally likely (an image's weight is 1 / its class's count). Drawn from (seed, epoch) alone and
+    sharded over ranks as EpochShuffle is: the same draws after a resume and under torchrun."""
+
+    def __init__(self, labels: Sequence[int], seed: int, rank: int = 0, world: int = 1):
+        super().__init__(len(labels), seed, rank, world)
+        counts = torch.bincount(torch.as_tensor(labels))
+        self.weights = 1.0 / counts[torch.as_tensor(labels)].double()
+
+    def order(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        return torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
 
 
 class ReplayLoader:
@@ -245,6 +273,8 @@ class LoaderSettings:
     # Under torchrun: this process's shard. batch_size is per rank.
     rank: int = 0
     world_size: int = 1
+    sampler: str = "shuffle"  # balanced: each class drawn equally often (BalancedDraw)
+    num_labels: int = 0  # a multi-label run's class count (targets are multi-hot rows); 0: single-label
 
 
 def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) -> dict[str, SkippingLoader]:
@@ -258,16 +288,18 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
         _stop_workers_at_exit()  # they ignore SIGTERM, which multiprocessing's exit function sends
     loaders = {}
     rank, world = settings.rank, settings.world_size
-    for split in SPLITS:
+    for split in samples:  # train, val, and test where there is one (ordered and sharded as val)
         train = split == "train"
         seed = settings.seed if train else None
         # Validation shards without the sampler's padding: every image counts once, so accuracy
         # summed over ranks is exactly one process's.
         shard = samples[split] if train else samples[split][rank::world]
-        dataset = ImageFiles(shard, tfms[split], settings.skip_bad, settings.max_image_pixels, seed)
+        tfm = tfms["train" if train else "val"]
+        dataset = ImageFiles(shard, tfm, settings.skip_bad, settings.max_image_pixels, seed)
+        dataset.num_labels = settings.num_labels
         if train and settings.train_cache_bytes:  # before the workers start: they share its memory
             dataset.decoded = decode_once(dataset, settings.input_size, settings.train_cache_bytes, workers)
-        sampler = EpochShuffle(len(dataset), settings.seed, rank, world) if train else None
+        sampler = _sampler(shard, settings) if train else None
         loaders[split] = SkippingLoader(
             DataLoader(
                 dataset,
@@ -285,6 +317,14 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
             )
         )
     return loaders
+
+
+def _sampler(samples: list[Sample], settings: LoaderSettings) -> EpochShuffle:
+    if settings.sampler == "balanced":
+        return BalancedDraw(
+            [label for _, label in samples], settings.seed, settings.rank, settings.world_size
+        )
+    return EpochShuffle(len(samples), settings.seed, settings.rank, settings.world_size)
 
 
 def close(loaders: dict) -> None:

@@ -55,6 +55,7 @@ from visiontune.store.writes import (
     register_model,
     set_tags,
     shorten,
+    split_digests,
     tracked_run,
 )
 
@@ -93,6 +94,7 @@ __all__ = [
     "register_model",
     "set_tags",
     "shorten",
+    "split_digests",
     "sqlite_path",
     "outage",
     "tags",

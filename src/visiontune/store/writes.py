@@ -212,33 +212,58 @@ def log_datasets(
 ) -> dict[str, str]:
     """Each split as an MLflow dataset input of the active run (the UI's Datasets column), so runs
     on different data are told apart: its source folder and a digest of every file's path, class
-    and size (a changed, added or removed image changes it). Returns {data.<split>_digest: digest}."""
-    import hashlib
-
-    import pandas as pd
+    and size (a changed, added or removed image changes it), and its file list as the artifact
+    splits/<split>.csv. Returns {data.<split>_digest: digest}."""
     from mlflow.data.sources import LocalArtifactDatasetSource
 
     digests = {}
-    for split, context in (("train", "training"), ("val", "validation")):
-        files = samples[split]
-        table = pd.DataFrame(
-            {
-                "path": [os.path.relpath(path, root) for path, _ in files],
-                "class": [classes[label] for _, label in files],
-                "bytes": [os.path.getsize(path) for path, _ in files],
-            }
-        )
-        digest = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()[:16]
+    contexts = {"train": "training", "val": "validation", "test": "testing"}
+    for split, files in samples.items():  # train, val, and test where there is one
+        table = split_table(root, classes, files)
+        digest = table_digest(table)
         digests[f"data.{split}_digest"] = digest
-        source = LocalArtifactDatasetSource(str(root / split))  # named: a bare path resolves two ways
+        # A split the run carved has the whole folder as its source.
+        folder = root / split if (root / split).is_dir() else root
+        source = LocalArtifactDatasetSource(str(folder))  # named: a bare path resolves two ways
         dataset = mlflow.data.from_pandas(
             table, source=source, targets="class", name=f"{root.name}/{split}", digest=digest
         )
         # MLflow's hint on integer columns, from the schema it infers here, concerns model inputs.
         with _writing(f"record the {split} split"), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            _log_input(dataset, context)
+            _log_input(dataset, contexts[split])
+            mlflow.log_text(table.to_csv(index=False), f"splits/{split}.csv")  # the file list itself
     return digests
+
+
+def table_digest(table) -> str:
+    import hashlib
+
+    return hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()[:16]
+
+
+def split_digests(root: Path, classes: list[str], samples: Mapping[str, list]) -> dict[str, str]:
+    """{data.<split>_digest: digest} as log_datasets records them, without recording anything."""
+    return {
+        f"data.{split}_digest": table_digest(split_table(root, classes, f)) for split, f in samples.items()
+    }
+
+
+def split_table(root: Path, classes: list[str], files: list[tuple[str, object]]):
+    """One split's files as a table: path (relative to root, with / on every system), class (a
+    multi-label image's classes joined by |) and size in bytes: what its digest is taken over."""
+    import pandas as pd
+
+    def name(label) -> str:
+        return "|".join(classes[i] for i in label) if isinstance(label, tuple) else classes[label]
+
+    return pd.DataFrame(
+        {
+            "path": [Path(os.path.relpath(path, root)).as_posix() for path, _ in files],
+            "class": [name(label) for _, label in files],
+            "bytes": [os.path.getsize(path) for path, _ in files],
+        }
+    )
 
 
 def _log_input(dataset, context: str) -> None:
