@@ -214,6 +214,7 @@ def cli() -> None:
         )
     try:
         config.check_command_line(args)
+        args = _expanded(args, launch)
     except VisiontuneError as err:
         _stop(launch, f"error: {user_message(err)}")
     multirun = bool({"-m", "--multirun"} & set(args))
@@ -227,6 +228,21 @@ def cli() -> None:
         _sweep()
         return
     main()
+
+
+def _expanded(args: list[str], launch: distributed.Launch | None) -> list[str]:
+    """repeats=N and data.folds=K as seed and fold axes of a sweep (sweep.expand_repeats), into
+    sys.argv for Hydra; refused under torchrun, where a sweep cannot run."""
+    from visiontune import sweep
+
+    expanded = sweep.expand_repeats(args)
+    if expanded != args:
+        if launch is not None:
+            raise VisiontuneError(
+                "repeats= and data.folds= start a sweep, which cannot run under torchrun: start it without"
+            )
+        sys.argv[1:] = expanded
+    return expanded
 
 
 # Where Hydra puts run folders when the command line does not say (the part of conf/train.yaml's
