@@ -41,6 +41,7 @@ from visiontune.store.writes import (
     TAG_VALUE_LIMIT,
     RunStart,
     add_artifact,
+    aliased_version,
     delete_tag,
     end_run,
     flatten,
@@ -55,6 +56,7 @@ from visiontune.store.writes import (
     register_model,
     set_tags,
     shorten,
+    tag_version,
     tracked_run,
 )
 
@@ -65,6 +67,7 @@ __all__ = [
     "RunStart",
     "StoreError",
     "add_artifact",
+    "aliased_version",
     "delete_tag",
     "artifact_location",
     "check_server",
@@ -94,6 +97,7 @@ __all__ = [
     "set_tags",
     "shorten",
     "sqlite_path",
+    "tag_version",
     "tags",
     "this_process",
     "tracked_run",
