@@ -150,3 +150,43 @@ def test_repeats_that_cannot_expand_are_refused_in_one_line(given, message, monk
     with pytest.raises(SystemExit) as stopped:
         train.cli()
     assert message in str(stopped.value.code) and "\n" not in str(stopped.value.code)
+
+
+# --- Ray ------------------------------------------------------------------------------------------
+
+
+def test_the_ray_preset_asks_for_a_gpu_per_job():
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason='needs pip install "visiontune[ray]"')
+    with initialize_config_module(config_module="visiontune.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=ray_gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("hydra_ray_launcher.ray_launcher.RayLauncher")
+    assert launcher.ray.remote.num_gpus == 1 and launcher.ray.init.address is None
+
+
+@pytest.mark.parametrize(
+    ("address", "gpus", "has_gpus", "refused"),
+    [
+        (None, 1, False, True),  # a local Ray without GPUs would never start a job asking for one
+        (None, 0, False, False),
+        (None, 1, True, False),
+        ("auto", 1, False, False),  # a cluster's GPUs are elsewhere
+    ],
+)
+def test_a_ray_sweep_whose_jobs_could_never_start_is_refused_first(address, gpus, has_gpus, refused):
+    from omegaconf import OmegaConf
+
+    from visiontune import VisiontuneError
+    from visiontune.sweep import check_ray
+
+    launcher = OmegaConf.create(
+        {
+            "_target_": "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher",
+            "ray": {"init": {"address": address}, "remote": {"num_gpus": gpus}},
+        }
+    )
+    if refused:
+        with pytest.raises(VisiontuneError, match="num_gpus=1: each job asks Ray for a GPU"):
+            check_ray(launcher, has_gpus)
+    else:
+        check_ray(launcher, has_gpus)

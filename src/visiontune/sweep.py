@@ -236,6 +236,7 @@ class MlflowSweep(Callback):
         from visiontune.config import typed_text
 
         check_sweeper(config.hydra.sweeper)
+        check_ray(config.hydra.launcher, _has_nvidia_gpus())
         launch_dir = Path(config.hydra.runtime.cwd)
         uri = store.tracking_uri(config.mlflow.tracking_uri, launch_dir)
         experiment_id = store.ensure_experiment(uri, typed_text(config, "mlflow.experiment_name"))
@@ -379,6 +380,8 @@ def launcher_notes(launcher: DictConfig, launch_dir: Path, sweep_dir: Path) -> l
     """What a sweep under Hydra's submitit launcher should say before its jobs start: where their
     output goes (not to this console), and GPUs that submitit_local would hide from them."""
     target = str(launcher.get("_target_", ""))
+    if "hydra_ray_launcher" in target:
+        return _ray_notes(launcher)
     if "hydra_submitit_launcher" not in target:
         return []
     folder = launch_dir / str(launcher.submitit_folder).replace("%j", "<job id>")
@@ -392,6 +395,39 @@ def launcher_notes(launcher: DictConfig, launch_dir: Path, sweep_dir: Path) -> l
             "hydra.launcher.gpus_per_node=1 (hydra/launcher=local does)"
         )
     return notes
+
+
+def _ray_gpus(launcher: DictConfig) -> tuple[bool, float]:
+    """(whether Ray starts on this machine, the GPUs each job asks for) of a Ray launcher's config."""
+    ray = launcher.get("ray") or {}
+    local = (ray.get("init") or {}).get("address") is None
+    return local, float((ray.get("remote") or {}).get("num_gpus") or 0)
+
+
+def check_ray(launcher: DictConfig, has_gpus: bool) -> None:
+    """Jobs that ask a Ray started here for GPUs it does not have wait forever: refused first."""
+    from visiontune import VisiontuneError
+
+    if "hydra_ray_launcher" not in str(launcher.get("_target_", "")):
+        return
+    local, gpus = _ray_gpus(launcher)
+    if local and gpus and not has_gpus:
+        raise VisiontuneError(
+            f"hydra.launcher.ray.remote.num_gpus={gpus:g}: each job asks Ray for a GPU and this machine has "
+            f"none, so no job would ever start: add hydra.launcher.ray.remote.num_gpus=0 (they train on "
+            f"the CPU), or join a Ray cluster with GPUs (hydra.launcher.ray.init.address=auto)"
+        )
+
+
+def _ray_notes(launcher: DictConfig) -> list[str]:
+    local, gpus = _ray_gpus(launcher)
+    if local and not gpus and _has_nvidia_gpus():
+        # Ray hides every GPU from a task that asked for none (CUDA_VISIBLE_DEVICES is emptied).
+        return [
+            "Ray gives its jobs none of this machine's GPUs unless they ask: add "
+            "hydra.launcher.ray.remote.num_gpus=1 (hydra/launcher=ray_gpu does)"
+        ]
+    return []
 
 
 def _has_nvidia_gpus() -> bool:

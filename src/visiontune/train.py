@@ -36,6 +36,10 @@ PLUGIN_OPTIONS = (
         # the plugin's two launchers, and visiontune's presets over them (conf/hydra/launcher)
         for name in ("submitit_slurm", "submitit_local", "slurm", "local")
     ),
+    *(
+        (f"hydra/launcher={name}", "hydra_plugins.hydra_ray_launcher", "visiontune[ray]")
+        for name in ("ray", "ray_gpu")
+    ),
 )
 
 
