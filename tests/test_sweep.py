@@ -116,8 +116,9 @@ def test_a_slurm_sweep_where_there_is_no_slurm_stops_before_anything_is_recorded
     [
         (["-m", "model=resnet,vgg", "repeats=3"], ["-m", "model=resnet,vgg", "repeats=3", "seed=42,43,44"]),
         (["repeats=2", "seed=7"], ["-m", "repeats=2", "seed=7,8"]),  # no -m: a sweep of its own
+        (["repeats=2", "--info", "searchpath"], ["-m", "repeats=2", "seed=42,43", "--info", "searchpath"]),
         (["-m", "data.folds=3"], ["-m", "data.folds=3", "data.fold=0,1,2"]),
-        (["repeats=2", "data.folds=2"], ["-m", "repeats=2", "data.folds=2", "seed=42,43", "data.fold=0,1"]),
+        (["repeats=2", "data.folds=2"], ["-m", "repeats=2", "seed=42,43", "data.folds=2", "data.fold=0,1"]),
         (["data.folds=5", "data.fold=2"], ["data.folds=5", "data.fold=2"]),  # one fold, trained alone
         (["repeats=1", "model=resnet"], ["repeats=1", "model=resnet"]),
         # a resumed sweep's command lists what repeats= expanded to: it is left as it is

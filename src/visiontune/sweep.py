@@ -83,9 +83,9 @@ def expand_repeats(args: list[str]) -> list[str]:
             base = _default_seed()
         else:
             base = _whole(first.split(",")[0], "seed", "seed=42")
-        expanded = _with_axis(expanded, "seed", range(base, base + repeats), f"repeats={repeats}")
+        expanded = _with_axis(expanded, "seed", range(base, base + repeats), "repeats")
     if folds > 1 and not _single(args, "data.fold"):  # data.fold=2 alone: that one fold
-        expanded = _with_axis(expanded, "data.fold", range(folds), f"data.folds={folds}")
+        expanded = _with_axis(expanded, "data.fold", range(folds), "data.folds")
     if expanded == args:
         return args
     sweepers = [a for a in args if a.startswith(("search=", "hydra/sweeper=")) and not a.endswith("=null")]
@@ -128,10 +128,13 @@ def _single(args: list[str], key: str) -> bool:
     return given is not None and "," not in given and "(" not in given
 
 
-def _with_axis(args: list[str], key: str, values: range, why: str) -> list[str]:
-    """args with `key` swept over `values`; a sweep of `key` already there must list those values."""
+def _with_axis(args: list[str], key: str, values: range, cause: str) -> list[str]:
+    """args with `key` swept over `values`, beside the `cause=` that asks for it (Hydra's options,
+    such as --cfg job, may follow the overrides); a sweep of `key` already there must list those values."""
     from visiontune import VisiontuneError
 
+    at = max(i for i, a in enumerate(args) if a.partition("=")[0] == cause) + 1
+    why = args[at - 1]
     listed = ",".join(str(v) for v in values)
     given = _given(args, key)
     if given is not None and ("," in given or "(" in given):
@@ -141,7 +144,8 @@ def _with_axis(args: list[str], key: str, values: range, why: str) -> list[str]:
             f"{why} sweeps {key} over {listed}, but the command line also sweeps {key}={given}: "
             f"give one of them"
         )
-    return [a for a in args if a.partition("=")[0] != key] + [f"{key}={listed}"]
+    kept = [a for a in args[:at] if a.partition("=")[0] != key]
+    return [*kept, f"{key}={listed}", *(a for a in args[at:] if a.partition("=")[0] != key)]
 
 
 def _default_seed() -> int:

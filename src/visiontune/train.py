@@ -239,6 +239,8 @@ def _expanded(args: list[str], launch: distributed.Launch | None) -> list[str]:
     sys.argv for Hydra; refused under torchrun, where a sweep cannot run."""
     from visiontune import sweep
 
+    if PRINT_ONLY & set(args):  # --cfg job shows the first seed's config; Hydra allows no -m with it
+        return args
     expanded = sweep.expand_repeats(args)
     if expanded != args:
         if launch is not None:
