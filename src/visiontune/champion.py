@@ -80,7 +80,7 @@ def decide(
         return Verdict(moved=True, decision=f"crowned: {versus}, margin {gate.margin}", **scores)
     if gate.force:
         return Verdict(moved=True, decision=f"forced (mlflow.champion_force): {versus}", **scores)
-    return Verdict(moved=False, decision=f"refused: {versus} does not beat it by {gate.margin}", **scores)
+    return Verdict(moved=False, decision=f"refused: {versus}, not more than {gate.margin} better", **scores)
 
 
 def accuracy(uri: str, model: str, folder) -> float:
