@@ -106,3 +106,88 @@ def test_a_slurm_sweep_where_there_is_no_slurm_stops_before_anything_is_recorded
     assert "hydra/launcher=slurm submits each job with SLURM's sbatch" in str(stopped.value.code)
     assert "hydra/launcher=local" in str(stopped.value.code), "says how to try it here"
     assert not (tmp_path / "outputs").exists()
+
+
+# --- repeats=N and data.folds=K: seeds and folds as axes of the sweep ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "expanded"),
+    [
+        (["-m", "model=resnet,vgg", "repeats=3"], ["-m", "model=resnet,vgg", "repeats=3", "seed=42,43,44"]),
+        (["repeats=2", "seed=7"], ["-m", "repeats=2", "seed=7,8"]),  # no -m: a sweep of its own
+        (["repeats=2", "--info", "searchpath"], ["-m", "repeats=2", "seed=42,43", "--info", "searchpath"]),
+        (["-m", "data.folds=3"], ["-m", "data.folds=3", "data.fold=0,1,2"]),
+        (["repeats=2", "data.folds=2"], ["-m", "repeats=2", "seed=42,43", "data.folds=2", "data.fold=0,1"]),
+        (["data.folds=5", "data.fold=2"], ["data.folds=5", "data.fold=2"]),  # one fold, trained alone
+        (["repeats=1", "model=resnet"], ["repeats=1", "model=resnet"]),
+        # a resumed sweep's command lists what repeats= expanded to: it is left as it is
+        (["-m", "repeats=2", "seed=42,43", "resume=abc"], ["-m", "repeats=2", "seed=42,43", "resume=abc"]),
+    ],
+)
+def test_repeats_and_folds_become_seed_and_fold_axes_of_a_sweep(given, expanded):
+    from visiontune.sweep import expand_repeats
+
+    assert expand_repeats(given) == expanded
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (
+            ["repeats=3", "seed=1,2"],
+            "repeats=3 sweeps seed over 1,2,3, but the command line also sweeps seed=1,2",
+        ),
+        (["repeats=2", "seed=range(1,3)"], "but the command line also sweeps seed=range(1,3)"),
+        (["repeats=0"], "repeats=0 must be 1 or more"),
+        (["repeats=two"], "repeats=two must be a whole number"),
+        (["-m", "search=optuna", "repeats=2"], "search=optuna's sampler would read as choices"),
+    ],
+)
+def test_repeats_that_cannot_expand_are_refused_in_one_line(given, message, monkeypatch, capsys):
+    from visiontune import train
+
+    monkeypatch.setattr(sys, "argv", ["visiontune-train", *given])
+    with pytest.raises(SystemExit) as stopped:
+        train.cli()
+    assert message in str(stopped.value.code) and "\n" not in str(stopped.value.code)
+
+
+# --- Ray ------------------------------------------------------------------------------------------
+
+
+def test_the_ray_preset_asks_for_a_gpu_per_job():
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason='needs pip install "visiontune[ray]"')
+    with initialize_config_module(config_module="visiontune.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=ray_gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("hydra_ray_launcher.ray_launcher.RayLauncher")
+    assert launcher.ray.remote.num_gpus == 1 and launcher.ray.init.address is None
+
+
+@pytest.mark.parametrize(
+    ("address", "gpus", "has_gpus", "refused"),
+    [
+        (None, 1, False, True),  # a local Ray without GPUs would never start a job asking for one
+        (None, 0, False, False),
+        (None, 1, True, False),
+        ("auto", 1, False, False),  # a cluster's GPUs are elsewhere
+    ],
+)
+def test_a_ray_sweep_whose_jobs_could_never_start_is_refused_first(address, gpus, has_gpus, refused):
+    from omegaconf import OmegaConf
+
+    from visiontune import VisiontuneError
+    from visiontune.sweep import check_ray
+
+    launcher = OmegaConf.create(
+        {
+            "_target_": "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher",
+            "ray": {"init": {"address": address}, "remote": {"num_gpus": gpus}},
+        }
+    )
+    if refused:
+        with pytest.raises(VisiontuneError, match="num_gpus=1: each job asks Ray for a GPU"):
+            check_ray(launcher, has_gpus)
+    else:
+        check_ray(launcher, has_gpus)

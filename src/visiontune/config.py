@@ -176,6 +176,8 @@ EARLIER_DEFAULTS = {
     "data.sampler": "shuffle",
     "loss.class_weights": None,
     "predict.threshold": 0.5,
+    "mlflow.champion_margin": 0.0,  # the alias moved to each sweep's best child, ungated
+    "mlflow.champion_force": True,
 }
 
 
@@ -326,6 +328,8 @@ class MlflowSettings:
     log_model: bool
     registered_model_name: str | None
     champion_alias: str
+    champion_margin: float = 0.0  # accuracy (0-1) a challenger must beat the champion by to take the alias
+    champion_force: bool = False  # move the alias to the sweep's best child whatever the scores
 
 
 @dataclass(frozen=True)
@@ -567,12 +571,18 @@ def read_mlflow(cfg: DictConfig) -> MlflowSettings:
     """The `mlflow` settings alone, checked: where a run is recorded, known before it starts."""
     name, alias = _value(cfg, "mlflow.registered_model_name"), _value(cfg, "mlflow.champion_alias")
     _check_registry(name, alias)
+    margin, force = _value(cfg, "mlflow.champion_margin"), _value(cfg, "mlflow.champion_force")
+    _check_number("mlflow.champion_margin", margin, 0.01, whole=False, zero=True)
+    if not isinstance(force, bool):
+        raise VisiontuneError(f"mlflow.champion_force={force!r} must be true or false")
     return MlflowSettings(
         tracking_uri=cfg.mlflow.tracking_uri,
         experiment_name=typed_text(cfg, "mlflow.experiment_name"),
         log_model=cfg.mlflow.log_model,
         registered_model_name=name,
         champion_alias=alias,
+        champion_margin=float(margin),
+        champion_force=force,
     )
 
 

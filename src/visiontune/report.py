@@ -71,25 +71,117 @@ def leaderboard(client, runs: Sequence) -> tuple[list[dict], dict[str, list[floa
 
     Each key the runs' sweeps varied beyond model, mode, optimizer and lr gets a column after lr.
     Runs on different data are not comparable: a data column then groups them, each group ranked.
+    Runs that repeat a configuration (other seeds, other folds) get a `config` column, its rank
+    among the configurations by mean, and are listed configuration by configuration.
     """
+    from visiontune.store import tags
+
     extra = swept_keys_of(client, runs)
-    rows, curves = [], {}
+    rows, curves, parents = [], {}, []
     for run in runs:
         label = _label(run, curves)
         history = client.get_metric_history(run.info.run_id, "val_acc")
         curves[label] = [m.value for m in sorted(history, key=lambda m: m.step)]
         seconds = client.get_metric_history(run.info.run_id, "epoch_seconds")
         rows.append(_row(run, label, extra, seconds))
+        # A run outside a sweep, or in one that varied no seed nor fold, repeats no other run.
+        alone = run.data.tags.get(tags.PARENT_RUN) is None or not set(REPEAT_KEYS) & set(extra)
+        parents.append(run.info.run_id if alone else run.data.tags[tags.PARENT_RUN])
     if not any(row["test_acc"] is not None for row in rows):
         for row in rows:
             for column in TEST_COLUMNS:
                 del row[column]
     datasets = {row["data"] for row in rows}
-    rows.sort(key=lambda r: (r["data"], r["best_val_acc"] is None, -(r["best_val_acc"] or 0.0), r["run"]))
+    rows = _ranked(rows, parents)
     if len(datasets) == 1:
         for row in rows:
             del row["data"]
     return rows, {label: values for label, values in curves.items() if values}
+
+
+def _by_accuracy(row: dict) -> tuple:
+    return (row["best_val_acc"] is None, -(row["best_val_acc"] or 0.0), row["run"])
+
+
+def _ranked(rows: list[dict], parents: list[str]) -> list[dict]:
+    """Rows best first within their data; repeats of one configuration (same sweep, same values but
+    for the seed and the fold) together, configurations ranked by their mean."""
+    members: dict[tuple, list[dict]] = {}
+    for row, parent in zip(rows, parents, strict=True):
+        members.setdefault((parent, *(row[c] for c in config_columns(row))), []).append(row)
+    if all(len(group) == 1 for group in members.values()):
+        return sorted(rows, key=lambda r: (r["data"], *_by_accuracy(r)))
+    order = sorted(members.values(), key=lambda g: (g[0]["data"], *_by_mean(g), g[0]["run"]))
+    ranked = []
+    for rank, group in enumerate(order, start=1):
+        ranked += [{"config": rank, **row} for row in sorted(group, key=_by_accuracy)]
+    return ranked
+
+
+def _by_mean(group: list[dict]) -> tuple[bool, float]:
+    mean = _mean_std([r["best_val_acc"] for r in group])[0]
+    return mean is None, -(mean or 0.0)
+
+
+# --- configurations repeated over seeds (repeats=N) or folds (data.folds=K) ------------------------
+
+# Keys whose values make runs repeats of one configuration rather than configurations of their own.
+REPEAT_KEYS = ("seed", "data.fold")
+# What a configuration's row averages over its runs (mean and standard deviation of each).
+AGGREGATED = ("best_val_acc",)
+REPEATS_NOTE = "each as mean ± standard deviation over its n finished runs: seeds, folds"
+# Columns that are a run's results or its identity, not its configuration.
+RESULT_COLUMNS = frozenset(
+    ["config", "run", "status", "best_epoch", "train_seconds", "trainable_params", "run_id", "error"]
+)
+
+
+def config_columns(row: Mapping) -> list[str]:
+    """The columns of a leaderboard row that say which configuration the run trained."""
+    skipped = RESULT_COLUMNS | set(AGGREGATED) | set(REPEAT_KEYS)
+    return [c for c in row if c not in skipped]
+
+
+def configurations(rows: Sequence[dict]) -> list[dict]:
+    """One row per configuration of a leaderboard whose runs repeat configurations, best mean
+    first: its columns, n (finished runs), runs, and the mean and standard deviation of each
+    AGGREGATED metric over its finished runs. [] when no configuration has repeats."""
+    groups: dict[int, list[dict]] = {}
+    for row in rows:
+        if "config" in row:
+            groups.setdefault(row["config"], []).append(row)
+    summaries = []
+    for rank, group in sorted(groups.items()):
+        finished = [r for r in group if r["status"] == "FINISHED"]
+        summary = {"config": rank, **{c: group[0][c] for c in config_columns(group[0])}}
+        summary |= {"n": len(finished), "runs": len(group)}
+        for metric in AGGREGATED:
+            mean, std = _mean_std([r.get(metric) for r in finished])
+            summary |= {f"{metric}_mean": mean, f"{metric}_std": std}
+        summaries.append(summary)
+    return summaries
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the values given; std None under two values."""
+    import statistics
+
+    known = [v for v in values if v is not None]
+    if not known:
+        return None, None
+    return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else None
+
+
+def configurations_markdown(summaries: Sequence[dict]) -> str:
+    """The configurations' table, each AGGREGATED metric shown as mean ± std."""
+    shown = []
+    for summary in summaries:
+        row = {k: v for k, v in summary.items() if not k.endswith(("_mean", "_std"))}
+        for metric in AGGREGATED:
+            mean, std = summary[f"{metric}_mean"], summary[f"{metric}_std"]
+            row[metric] = "-" if mean is None else f"{mean:.4f} ± {std or 0.0:.4f}"
+        shown.append(row)
+    return to_markdown(shown)
 
 
 def _row(run, label: str, extra: list[str], seconds: list) -> dict:
@@ -149,11 +241,22 @@ def to_csv(rows: Sequence[dict]) -> str:
 
 
 def write_report(client, runs: Sequence, out_dir: Path) -> list[dict]:
-    """leaderboard.csv, leaderboard.md and val_acc_overlay.png in out_dir; returns the rows."""
+    """leaderboard.csv, leaderboard.md and val_acc_overlay.png in out_dir; returns the rows.
+
+    Where runs repeat configurations, also configurations.csv, and leaderboard.md opens with the
+    configurations' table (mean ± std), the runs' table under it.
+    """
     rows, curves = leaderboard(client, runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "leaderboard.csv").write_text(to_csv(rows))
-    (out_dir / "leaderboard.md").write_text(to_markdown(rows))
+    markdown = to_markdown(rows)
+    if summaries := configurations(rows):
+        (out_dir / "configurations.csv").write_text(to_csv(summaries))
+        markdown = (
+            f"Configurations, best mean first ({REPEATS_NOTE}):\n\n"
+            f"{configurations_markdown(summaries)}\nTheir runs:\n\n{markdown}"
+        )
+    (out_dir / "leaderboard.md").write_text(markdown)
     figure = accuracy_curves(curves, FIGURE_TITLE)
     figure.savefig(out_dir / "val_acc_overlay.png")
     return rows

@@ -64,6 +64,99 @@ def swept_keys(task_overrides, sweeper_params=None) -> list[str]:
     return list(dict.fromkeys(key for key in keys if key not in fixed))
 
 
+def expand_repeats(args: list[str]) -> list[str]:
+    """The command line with repeats=N and data.folds=K as sweep axes: seed=S,S+1,...,S+N-1 and
+    data.fold=0,...,K-1 (and -m, if missing). Each seed and fold is then an ordinary job and child
+    run, and the parent's leaderboard groups them back into configurations (report.configurations).
+
+    A line that already lists those very values (a resumed sweep's command) is left as it is.
+    """
+    from visiontune import VisiontuneError
+
+    repeats = _count(args, "repeats", least=1)
+    folds = _count(args, "data.folds", least=0)  # 0 or 1: no cross-validation
+    expanded = list(args)
+    if repeats > 1:
+        first = _given(args, "seed")
+        # seed=42,43,44 (a resumed sweep's command) starts at its first value; _with_axis checks the rest
+        if first is None or "(" in first:  # seed=range(...) is refused by _with_axis
+            base = _default_seed()
+        else:
+            base = _whole(first.split(",")[0], "seed", "seed=42")
+        expanded = _with_axis(expanded, "seed", range(base, base + repeats), "repeats")
+    if folds > 1 and not _single(args, "data.fold"):  # data.fold=2 alone: that one fold
+        expanded = _with_axis(expanded, "data.fold", range(folds), "data.folds")
+    if expanded == args:
+        return args
+    sweepers = [a for a in args if a.startswith(("search=", "hydra/sweeper=")) and not a.endswith("=null")]
+    if sweepers:
+        raise VisiontuneError(
+            f"repeats= and data.folds= add seeds and folds to a Hydra sweep, which {sweepers[0]}'s "
+            f"sampler would read as choices: leave them out of a search, or list seeds with the "
+            f"basic sweeper (-m seed=1,2,3)"
+        )
+    return expanded if {"-m", "--multirun"} & set(expanded) else ["-m", *expanded]
+
+
+def _given(args: list[str], key: str) -> str | None:
+    """The value of the last `key=...` on the command line (None: not given)."""
+    values = [a.partition("=")[2] for a in args if a.partition("=")[0] == key]
+    return values[-1] if values else None
+
+
+def _whole(text: str, key: str, example: str) -> int:
+    from visiontune import VisiontuneError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise VisiontuneError(f"{key}={text} must be a whole number, e.g. {example}") from None
+
+
+def _count(args: list[str], key: str, least: int) -> int:
+    from visiontune import VisiontuneError
+
+    given = _given(args, key)
+    count = 1 if given is None else _whole(given, key, f"{key}=3")
+    if count < least:
+        raise VisiontuneError(f"{key}={count} must be {least} or more, e.g. {key}=3")
+    return count
+
+
+def _single(args: list[str], key: str) -> bool:
+    given = _given(args, key)
+    return given is not None and "," not in given and "(" not in given
+
+
+def _with_axis(args: list[str], key: str, values: range, cause: str) -> list[str]:
+    """args with `key` swept over `values`, beside the `cause=` that asks for it (Hydra's options,
+    such as --cfg job, may follow the overrides); a sweep of `key` already there must list those values."""
+    from visiontune import VisiontuneError
+
+    at = max(i for i, a in enumerate(args) if a.partition("=")[0] == cause) + 1
+    why = args[at - 1]
+    listed = ",".join(str(v) for v in values)
+    given = _given(args, key)
+    if given is not None and ("," in given or "(" in given):
+        if given.replace(" ", "") == listed:  # the resume command of a sweep that expanded them
+            return args
+        raise VisiontuneError(
+            f"{why} sweeps {key} over {listed}, but the command line also sweeps {key}={given}: "
+            f"give one of them"
+        )
+    kept = [a for a in args[:at] if a.partition("=")[0] != key]
+    return [*kept, f"{key}={listed}", *(a for a in args[at:] if a.partition("=")[0] != key)]
+
+
+def _default_seed() -> int:
+    """conf/train.yaml's seed: the first of the repeats when the command line sets none."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(resources.files("visiontune.conf") / "train.yaml").seed)
+
+
 def check_sweeper(sweeper: DictConfig) -> None:
     """Settings of an optimising sweeper (search=optuna) that cannot work with visiontune's jobs."""
     from omegaconf import ListConfig
@@ -116,7 +209,8 @@ class MlflowSweep(Callback):
         self.parent = None  # a store.ParentRun while the sweep is open
         self.interrupted = False
         self.overrides: list[str] = []
-        self.registry: tuple[str, str] | None = None  # (model name, alias) the winner is registered as
+        self.launch_dir = Path()
+        self.gate = None  # a champion.Gate: the registered name and alias the winner may take
 
     # Hydra turns an exception in a callback into a warning and carries on: a sweep would run
     # with no parent, or end with exit 0 after its summary failed. Each hook therefore reports
@@ -146,6 +240,7 @@ class MlflowSweep(Callback):
         from visiontune.config import typed_text
 
         check_sweeper(config.hydra.sweeper)
+        check_ray(config.hydra.launcher, _has_nvidia_gpus())
         launch_dir = Path(config.hydra.runtime.cwd)
         uri = store.tracking_uri(config.mlflow.tracking_uri, launch_dir)
         experiment_id = store.ensure_experiment(uri, typed_text(config, "mlflow.experiment_name"))
@@ -155,10 +250,9 @@ class MlflowSweep(Callback):
         # A sweep stopped by Ctrl-C or by its sweeper failing (Optuna, when no trial completed)
         # never reaches on_multirun_end; the parent then ends KILLED or FAILED at exit.
         self._end_on_stops()
-        self.overrides = overrides
+        self.overrides, self.launch_dir = overrides, launch_dir
         key = overrides_key(overrides)
-        if config.mlflow.get("registered_model_name") and config.mlflow.log_model:
-            self.registry = (str(config.mlflow.registered_model_name), str(config.mlflow.champion_alias))
+        self.gate = champion_gate(config)
         if config.get("resume"):  # the stopped sweep's parent; its jobs find their own children
             self.parent = store.ParentRun.reopen(uri, experiment_id, str(config.resume), key)
         else:
@@ -189,8 +283,8 @@ class MlflowSweep(Callback):
         with tempfile.TemporaryDirectory() as tmp:
             rows = report.write_report(client, children, Path(tmp))
             summary, metrics = _summary(rows)
-            if self.registry and store.tags.BEST_CHILD_RUN_ID in summary:
-                summary[store.tags.CHAMPION] = self._crown(summary[store.tags.BEST_CHILD_RUN_ID])
+            if self.gate and store.tags.BEST_CHILD_RUN_ID in summary:
+                summary |= self._crown(client, summary[store.tags.BEST_CHILD_RUN_ID])
             self.parent.record(Path(tmp), summary, metrics)
             print("\n" + (Path(tmp) / "leaderboard.md").read_text())
         self.parent.end("FINISHED")
@@ -198,14 +292,26 @@ class MlflowSweep(Callback):
         failed = [r["run"] for r in rows if r["status"] != "FINISHED"]
         return failed, len(rows)
 
-    def _crown(self, run_id: str) -> str:
-        """Register the best child's model and give it the champion alias; the URI that names it."""
-        from visiontune import store
+    def _crown(self, client, run_id: str) -> dict[str, str]:
+        """Register the best child's model; the champion gate decides whether the alias moves to it.
+        The parent's tags saying what it decided. A gate that cannot score leaves the alias alone."""
+        from mlflow.exceptions import MlflowException
 
-        name, alias = self.registry
-        version = store.register_model(self.parent.uri, run_id, name, alias)
-        print(f"registered run {run_id}'s model as {name} version {version}: models:/{name}@{alias}")
-        return f"models:/{name}@{alias}"
+        from visiontune import VisiontuneError, champion, store
+
+        gate, launch_dir = self.gate, Path(self.launch_dir)
+        data_root = launch_dir / client.get_run(run_id).data.params.get("data.root", "")
+        try:
+            verdict = champion.crown(self.parent.uri, run_id, gate, data_root)
+        except (VisiontuneError, MlflowException, OSError) as err:
+            print(f"error: the champion gate could not score run {run_id}'s model: {_message(err)}")
+            return {store.tags.CHAMPION_GATE: f"failed: {_message(err)}"}
+        where = f"models:/{gate.name}@{gate.alias}"
+        print(f"registered run {run_id}'s model as {gate.name} version {verdict.version}: {verdict.decision}")
+        print(where + (" now names it" if verdict.moved else f" stays version {verdict.champion}"))
+        return {store.tags.CHAMPION_GATE: verdict.decision} | (
+            {store.tags.CHAMPION: where} if verdict.moved else {}
+        )
 
     def _resume_command(self) -> str:
         from visiontune import redact
@@ -261,10 +367,25 @@ class MlflowSweep(Callback):
             print(f"error: cannot end the sweep's MLflow parent run: {_message(err)}", file=sys.stderr)
 
 
+def champion_gate(config: DictConfig):
+    """The gate a sweep's best child passes to take the registry alias; None when nothing registers."""
+    from visiontune import champion
+    from visiontune import config as settings
+
+    mlflow = settings.read_mlflow(config)
+    if not (mlflow.registered_model_name and mlflow.log_model):
+        return None
+    return champion.Gate(
+        mlflow.registered_model_name, mlflow.champion_alias, mlflow.champion_margin, mlflow.champion_force
+    )
+
+
 def launcher_notes(launcher: DictConfig, launch_dir: Path, sweep_dir: Path) -> list[str]:
     """What a sweep under Hydra's submitit launcher should say before its jobs start: where their
     output goes (not to this console), and GPUs that submitit_local would hide from them."""
     target = str(launcher.get("_target_", ""))
+    if "hydra_ray_launcher" in target:
+        return _ray_notes(launcher)
     if "hydra_submitit_launcher" not in target:
         return []
     folder = launch_dir / str(launcher.submitit_folder).replace("%j", "<job id>")
@@ -280,13 +401,48 @@ def launcher_notes(launcher: DictConfig, launch_dir: Path, sweep_dir: Path) -> l
     return notes
 
 
+def _ray_gpus(launcher: DictConfig) -> tuple[bool, float]:
+    """(whether Ray starts on this machine, the GPUs each job asks for) of a Ray launcher's config."""
+    ray = launcher.get("ray") or {}
+    local = (ray.get("init") or {}).get("address") is None
+    return local, float((ray.get("remote") or {}).get("num_gpus") or 0)
+
+
+def check_ray(launcher: DictConfig, has_gpus: bool) -> None:
+    """Jobs that ask a Ray started here for GPUs it does not have wait forever: refused first."""
+    from visiontune import VisiontuneError
+
+    if "hydra_ray_launcher" not in str(launcher.get("_target_", "")):
+        return
+    local, gpus = _ray_gpus(launcher)
+    if local and gpus and not has_gpus:
+        raise VisiontuneError(
+            f"hydra.launcher.ray.remote.num_gpus={gpus:g}: each job asks Ray for a GPU and this machine has "
+            f"none, so no job would ever start: add hydra.launcher.ray.remote.num_gpus=0 (they train on "
+            f"the CPU), or join a Ray cluster with GPUs (hydra.launcher.ray.init.address=auto)"
+        )
+
+
+def _ray_notes(launcher: DictConfig) -> list[str]:
+    local, gpus = _ray_gpus(launcher)
+    if local and not gpus and _has_nvidia_gpus():
+        # Ray hides every GPU from a task that asked for none (CUDA_VISIBLE_DEVICES is emptied).
+        return [
+            "Ray gives its jobs none of this machine's GPUs unless they ask: add "
+            "hydra.launcher.ray.remote.num_gpus=1 (hydra/launcher=ray_gpu does)"
+        ]
+    return []
+
+
 def _has_nvidia_gpus() -> bool:
     gpus = Path("/proc/driver/nvidia/gpus")  # the driver lists them whatever CUDA_VISIBLE_DEVICES says
     return gpus.is_dir() and any(gpus.iterdir())
 
 
 def _summary(rows: list[dict]) -> tuple[dict[str, str], dict[str, float]]:
-    """The parent's tags and metrics from its leaderboard rows (best first)."""
+    """The parent's tags and metrics from its leaderboard rows (best first; where configurations
+    repeat, the best configuration's runs first, and its mean and std as metrics too)."""
+    from visiontune import report
     from visiontune.store import tags
 
     failed = [r for r in rows if r["status"] != "FINISHED"]
@@ -296,6 +452,12 @@ def _summary(rows: list[dict]) -> tuple[dict[str, str], dict[str, float]]:
     if finished:
         summary |= {tags.BEST_CHILD_RUN_ID: finished[0]["run_id"], tags.BEST_CHILD: finished[0]["run"]}
         metrics["best_val_acc"] = finished[0]["best_val_acc"]
+    if (configurations := report.configurations(rows)) and configurations[0]["best_val_acc_mean"] is not None:
+        best = configurations[0]
+        metrics |= {
+            "best_val_acc_mean": best["best_val_acc_mean"],
+            "best_val_acc_std": best["best_val_acc_std"] or 0.0,
+        }
     return summary, metrics
 
 

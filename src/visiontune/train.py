@@ -34,6 +34,10 @@ PLUGIN_OPTIONS = (
         # the plugin's two launchers, and visiontune's presets over them (conf/hydra/launcher)
         for name in ("submitit_slurm", "submitit_local", "slurm", "local")
     ),
+    *(
+        (f"hydra/launcher={name}", "hydra_plugins.hydra_ray_launcher", "visiontune[ray]")
+        for name in ("ray", "ray_gpu")
+    ),
 )
 
 
@@ -211,6 +215,7 @@ def cli() -> None:
         )
     try:
         config.check_command_line(args)
+        args = _expanded(args, launch)
     except VisiontuneError as err:
         _stop(launch, f"error: {user_message(err)}")
     multirun = bool({"-m", "--multirun"} & set(args))
@@ -237,6 +242,23 @@ SEARCH_MOVED = (
 def _search_moved(args: list[str]) -> str | None:
     searched = [a for a in args if a.startswith(("search=", "hydra/sweeper=optuna"))]
     return f"{searched[0]}: {SEARCH_MOVED}" if searched else None
+
+
+def _expanded(args: list[str], launch: distributed.Launch | None) -> list[str]:
+    """repeats=N and data.folds=K as seed and fold axes of a sweep (sweep.expand_repeats), into
+    sys.argv for Hydra; refused under torchrun, where a sweep cannot run."""
+    from visiontune import sweep
+
+    if PRINT_ONLY & set(args):  # --cfg job shows the first seed's config; Hydra allows no -m with it
+        return args
+    expanded = sweep.expand_repeats(args)
+    if expanded != args:
+        if launch is not None:
+            raise VisiontuneError(
+                "repeats= and data.folds= start a sweep, which cannot run under torchrun: start it without"
+            )
+        sys.argv[1:] = expanded
+    return expanded
 
 
 # Where Hydra puts run folders when the command line does not say (the part of conf/train.yaml's

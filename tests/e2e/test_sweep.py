@@ -328,3 +328,58 @@ def test_sigterm_to_a_joblib_sweep_ends_it_killed_with_nothing_left_behind(tmp_p
             return
         time.sleep(0.5)
     raise AssertionError("a process of the sweep outlived it by 30 s")
+
+
+# --- repeats, the champion gate, Ray ---------------------------------------------------------------
+
+
+def test_repeats_without_m_is_a_sweep_of_seeds_ranked_by_mean_with_its_champion_gated(tmp_path, tiny_folder):
+    """repeats=2 alone: one parent, a child per seed, mean ± std on the parent; the best child is the
+    first champion of its name, scored on val and tagged so on its model version."""
+    from mlflow.tracking import MlflowClient
+
+    fast = [o for o in FAST if not o.startswith("num_workers=")]
+    data = [f"data.root={tiny_folder}", "data=imagefolder", "num_workers=0"]
+    args = ["model=squeezenet", "mode=scratch", "repeats=2", "seed=7", "mlflow.registered_model_name=ants"]
+    result = run_cli(tmp_path, *data, *fast, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    parent, children = parent_and_children(tmp_path)
+    assert sorted(c.data.params["seed"] for c in children) == ["7", "8"]
+    accuracies = [c.data.metrics["best_val_acc"] for c in children]
+    assert parent.data.metrics["best_val_acc_mean"] == pytest.approx(sum(accuracies) / 2)
+    assert "| 1 | squeezenet | scratch | sgd | 0.001 | 2 | 2 |" in result.stdout, "the configuration's row"
+    assert " ± " in result.stdout
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("ants", "champion")
+    assert version.run_id == parent.data.tags["best_child_run_id"]
+    assert version.tags["visiontune.gate.decision"] == "crowned: no champion before it"
+    assert version.tags["visiontune.gate.data"] == str(tiny_folder / "val")
+    assert parent.data.tags["champion"] == "models:/ants@champion"
+
+
+@pytest.mark.slow  # Ray starts its own processes: about a minute on 2 cores
+def test_a_ray_sweep_on_a_local_ray_instance_is_one_parent_with_its_jobs_as_children(tmp_path, tiny_folder):
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason='needs pip install "visiontune[ray]"')
+    ray = [
+        "hydra/launcher=ray_gpu",
+        "hydra.launcher.ray.remote.num_gpus=0",
+        "hydra.launcher.ray.remote.num_cpus=1",
+    ]
+    result = sweep(
+        tmp_path,
+        tiny_folder,
+        "model=squeezenet",
+        "mode=scratch",
+        "seed=1,2",
+        *ray,
+        "+hydra.launcher.ray.init.num_cpus=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    parent, children = parent_and_children(tmp_path)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.data.params["seed"] for c in children) == ["1", "2"]
+    assert "Started a local Ray instance" in result.stderr

@@ -37,8 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (VisiontuneError, MlflowException) as err:
         print(f"visiontune-compare: error: {err}", file=sys.stderr)
         return 1
-    print(report.to_markdown(rows))
-    print(f"wrote {args.out / 'leaderboard.csv'}, leaderboard.md and val_acc_overlay.png")
+    print((args.out / "leaderboard.md").read_text())  # with the configurations' means, where runs repeat
+    made = "leaderboard.md, configurations.csv" if report.configurations(rows) else "leaderboard.md"
+    print(f"wrote {args.out / 'leaderboard.csv'}, {made} and val_acc_overlay.png")
     return 0
 
 

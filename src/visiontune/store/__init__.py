@@ -41,6 +41,7 @@ from visiontune.store.writes import (
     TAG_VALUE_LIMIT,
     RunStart,
     add_artifact,
+    aliased_version,
     delete_tag,
     end_run,
     flatten,
@@ -56,6 +57,7 @@ from visiontune.store.writes import (
     set_tags,
     shorten,
     split_digests,
+    tag_version,
     tracked_run,
 )
 
@@ -66,6 +68,7 @@ __all__ = [
     "RunStart",
     "StoreError",
     "add_artifact",
+    "aliased_version",
     "delete_tag",
     "artifact_location",
     "check_server",
@@ -97,6 +100,7 @@ __all__ = [
     "split_digests",
     "sqlite_path",
     "outage",
+    "tag_version",
     "tags",
     "this_process",
     "tracked_run",

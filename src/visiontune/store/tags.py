@@ -41,6 +41,13 @@ SWEEP_FAILED = "sweep.failed"  # on the ended parent: how many of them did not f
 BEST_CHILD_RUN_ID = "best_child_run_id"  # on the ended parent: its best job's run id
 BEST_CHILD = "best_child"  # on the ended parent: its best job's run name
 CHAMPION = "champion"  # on the ended parent: models:/<name>@<alias> of the registered best model
+CHAMPION_GATE = "champion_gate"  # on the ended parent: what the gate decided, with both scores
+
+# --- a registered model version, scored by a sweep's champion gate (champion.py) ----------------
+
+GATE_ACCURACY = "visiontune.gate.accuracy"  # its accuracy on the held-out folder below
+GATE_DATA = "visiontune.gate.data"  # the folder both challenger and champion were scored on
+GATE_DECISION = "visiontune.gate.decision"  # on the challenger: crowned, refused or forced, and why
 
 # --- an evaluation (visiontune-evaluate) ----------------------------------------------------------
 

@@ -425,6 +425,24 @@ def register_model(uri: str, run_id: str, name: str, alias: str | None = None) -
     return str(version)
 
 
+def aliased_version(uri: str, name: str, alias: str) -> str | None:
+    """The version of registered model `name` that `alias` points at; None if none (or no such model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(open_store(uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException:  # RESOURCE_DOES_NOT_EXIST: the model, or the alias, is new
+        return None
+
+
+def tag_version(uri: str, name: str, version: str, values: Mapping[str, str]) -> None:
+    """Tags on one registered model version (what the champion gate measured)."""
+    client = open_store(uri)
+    with _writing(f"tag version {version} of {name}"):
+        for key, value in values.items():
+            client.set_model_version_tag(name, version, key, value)
+
+
 def load_model(uri: str):
     """The PyTorch module of a logged model (runs:/<id>/model, models:/<name>/<version or @alias>),
     rebuilt from its tensors (flavor.py): nothing in it is unpickled."""
