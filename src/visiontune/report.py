@@ -128,7 +128,7 @@ def _by_mean(group: list[dict]) -> tuple[bool, float]:
 # Keys whose values make runs repeats of one configuration rather than configurations of their own.
 REPEAT_KEYS = ("seed", "data.fold")
 # What a configuration's row averages over its runs (mean and standard deviation of each).
-AGGREGATED = ("best_val_acc",)
+AGGREGATED = ("best_val_acc", "test_acc")
 REPEATS_NOTE = "each as mean ± standard deviation over its n finished runs: seeds, folds"
 # Columns that are a run's results or its identity, not its configuration.
 RESULT_COLUMNS = frozenset(
@@ -138,7 +138,7 @@ RESULT_COLUMNS = frozenset(
 
 def config_columns(row: Mapping) -> list[str]:
     """The columns of a leaderboard row that say which configuration the run trained."""
-    skipped = RESULT_COLUMNS | set(AGGREGATED) | set(REPEAT_KEYS)
+    skipped = RESULT_COLUMNS | set(AGGREGATED) | set(TEST_COLUMNS) | set(REPEAT_KEYS)
     return [c for c in row if c not in skipped]
 
 
@@ -173,11 +173,12 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
 
 
 def configurations_markdown(summaries: Sequence[dict]) -> str:
-    """The configurations' table, each AGGREGATED metric shown as mean ± std."""
+    """The configurations' table, each AGGREGATED metric some run has shown as mean ± std."""
     shown = []
+    present = [m for m in AGGREGATED if any(s[f"{m}_mean"] is not None for s in summaries)]
     for summary in summaries:
         row = {k: v for k, v in summary.items() if not k.endswith(("_mean", "_std"))}
-        for metric in AGGREGATED:
+        for metric in present:
             mean, std = summary[f"{metric}_mean"], summary[f"{metric}_std"]
             row[metric] = "-" if mean is None else f"{mean:.4f} ± {std or 0.0:.4f}"
         shown.append(row)
