@@ -26,6 +26,7 @@ from visiontune import (
     recorder,
     resume,
     runtime,
+    sharing,
 )
 from visiontune.config import Job, Mode, Settings
 
@@ -101,6 +102,7 @@ def set_up(settings: Settings, job: Job, device: torch.device) -> SetUp:
     prepared = models.prepare(settings.model, settings.mode, len(checked.classes), weights)
     announce(prepared, settings.mode, checked, device)
     val_bytes = data.replay_bytes(len(checked.samples["val"]), prepared.spec.input_size)
+    sharing.set_budget(settings.data.cache_bytes)  # what earlier jobs of this process left, within this one's
     shares = CacheShares.divide(settings.data.cache_bytes, val_bytes, prepared)
     loaders = build_loaders(settings, checked, prepared, device, shares)
     training = build_training(settings, prepared, device, len(loaders["train"]), shares.backbone_bytes)
