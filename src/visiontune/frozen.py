@@ -122,15 +122,8 @@ class BackboneCache:
             return None
         stem = self.backbone.eval_stem
         weights = sharing.tensors_digest(stem.state_dict().values())
-        return sharing.key(
-            "backbone",
-            stem.code,
-            weights,
-            str(runtime.device),
-            str(runtime.amp_dtype),
-            runtime.channels_last,
-            identity,
-        )
+        where = (str(runtime.device), str(runtime.amp_dtype), runtime.channels_last)
+        return sharing.key("backbone", stem.code, weights, where, identity)
 
 
 # Up to this many batches per frozen pass on a GPU, within a quarter of its free memory: at
