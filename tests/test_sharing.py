@@ -117,3 +117,5 @@ def test_what_is_held_stays_within_the_latest_budget(tmp_path):
     assert sharing.get("d") is None
     sharing.set_budget(50)  # a later job with a smaller data.cache_mb
     assert sharing.held_bytes() <= 50 and sharing.get("c") == "C"
+    sharing.make_room(40)  # before a cache of up to 40 is built: c goes, 30 + 40 > 50
+    assert sharing.held_bytes() == 0

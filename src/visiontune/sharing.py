@@ -10,7 +10,8 @@ job that builds the same key takes the very tensors the earlier one made: its re
 bit those of a fresh process. A different input size, data set or weight file builds another key.
 
 What is held stays within the latest job's data.cache_mb: the least recently used entries go first,
-so a job's own entries (taken or added during its set-up and first epoch) stay.
+so a job's own entries (taken or added during its set-up and first epoch) stay; a job about to
+decode its training images anew first lets go of enough older entries for them to fit beside.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def put(key: str | None, value: object, nbytes: int) -> None:
     _held.pop(key, None)
     _fit(nbytes)
     _held[key] = (value, nbytes)
+
+
+def make_room(nbytes: int) -> None:
+    """Before a job builds a cache of up to `nbytes`: the least recently used entries go until it
+    would fit beside them, so that earlier jobs' entries and the new cache never pass the budget."""
+    _fit(nbytes)
 
 
 def held_bytes() -> int:

@@ -123,6 +123,7 @@ def decoded_images(dataset: ImageFiles, input_size: int, max_bytes: int, threads
             "training images decoded once: %d MiB, shared with an earlier job", _nbytes(decoded) // 2**20
         )
         return decoded
+    sharing.make_room(max_bytes)
     decoded = decode_once(dataset, input_size, max_bytes, threads)
     if decoded is not None:
         sharing.put(key, decoded, _nbytes(decoded))
