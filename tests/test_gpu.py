@@ -41,7 +41,8 @@ def test_crops_rendered_on_the_gpu_match_the_cpu_paths_crops(tmp_path):
     1 level of 255 of torchvision's uint8 crops on the CPU (mean under 0.3)."""
     from visiontune import augment, data
 
-    root = make_image_folder(tmp_path / "photos", {"train": 6}, size=(90, 70))
+    # Below the cap (twice the input size): the boxes stay in whole pixels, as on the CPU path.
+    root = make_image_folder(tmp_path / "photos", {"train": 6}, size=(48, 40))
     samples = [(str(p), 0) for p in sorted((root / "train").glob("*/*.jpg"))]
     size = 32
     cpu = data.ImageFiles(samples, data.transforms(size, False)["train"], seed=7)
