@@ -52,24 +52,30 @@ def _job(tmp_path, root, weights, mode: str, lr: float):
     return setup, curves, weights_after
 
 
-@pytest.mark.parametrize("mode", ["feature_extract", "finetune"])
-def test_a_second_job_shares_and_trains_bit_for_bit_as_a_fresh_one(tmp_path, photos, standin_weights, mode):
+@pytest.mark.parametrize(
+    ("first_mode", "mode"),
+    [("feature_extract", "feature_extract"), ("finetune", "finetune"), ("finetune", "feature_extract")],
+)
+def test_a_second_job_shares_and_trains_bit_for_bit_as_a_fresh_one(
+    tmp_path, photos, standin_weights, first_mode, mode
+):
     """Job B after job A (same data and architecture, another lr) takes A's decoded training images,
-    and A's val batches (finetune) or frozen-backbone val outputs (feature_extract); its losses,
-    accuracies and final weights equal those of B run alone in a fresh process."""
+    and A's val batches (A fine-tunes) or frozen-backbone val outputs (both extract features); its
+    losses, accuracies and final weights equal those of B run alone in a fresh process."""
     import torch
 
     weights = standin_weights("squeezenet1_0")
-    first, _, _ = _job(tmp_path, photos, weights, mode, lr=0.001)
+    first, _, _ = _job(tmp_path, photos, weights, first_mode, lr=0.001)
     made = {key: value for key, (value, _) in sharing._held.items()}
     second, shared_curves, shared_weights = _job(tmp_path, photos, weights, mode, lr=0.01)
 
-    # Two entries, the decoded training images and the val batches (finetune) or the frozen
-    # backbone's val outputs (feature_extract), both still those job A made: B made none anew.
-    assert len(made) == 2 and {key: value for key, (value, _) in sharing._held.items()} == made
-    assert all(sharing._held[key][0] is value for key, value in made.items())
+    # A made two entries, the decoded training images and the val batches (finetune) or the
+    # frozen backbone's val outputs (feature_extract): B took both as they were, and made none
+    # anew but, after a fine-tuning job, its own backbone outputs.
+    assert len(made) == 2 and all(sharing._held[key][0] is value for key, value in made.items())
+    assert len(sharing._held) == 2 + (first_mode != mode)
     assert second.loaders["train"].loader.dataset.decoded is first.loaders["train"].loader.dataset.decoded
-    if mode == "finetune":
+    if first_mode == "finetune":
         assert second.loaders["val"].batches is first.loaders["val"].batches
 
     sharing.clear()

@@ -179,7 +179,9 @@ def build_loaders(
         world_size=distributed.world_size(),
     )
     loaders = data.build_loaders(checked.samples, loader_settings)
-    if shares.val_replay:
+    # An earlier job of this process replayed the same val batches: take them (sharing.py), also
+    # where a frozen backbone caches its outputs instead (its first pass then decodes nothing).
+    if shares.val_replay or sharing.get(loaders["val"].identity) is not None:
         loaders["val"] = data.ReplayLoader(loaders["val"])
     return loaders
 
