@@ -11,6 +11,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from visiontune import sharing
+
 if TYPE_CHECKING:
     from visiontune.runtime import Runtime
 
@@ -85,8 +87,13 @@ class BackboneCache:
         self.backbone = backbone
         self.max_bytes = max_bytes
         self.cached: list[tuple[tuple, torch.Tensor]] | None = None
+        self.key: str | None = None  # what the cached outputs depend on, once looked up (sharing.py)
 
     def logits(self, loader, runtime: Runtime):
+        if self.key is None and self.cached is None:  # the first pass: did an earlier job of this
+            self.key = self.shared_key(loader, runtime)  # process run the same stem on the same batches?
+            shared = sharing.get(self.key)
+            self.cached = shared[0] if shared is not None and shared[1] <= self.max_bytes else None
         if self.cached is not None:
             for features, labels in self.cached:
                 yield self.backbone.logits(features, runtime), labels
@@ -103,6 +110,20 @@ class BackboneCache:
                 cache = None
             yield self.backbone.logits(features, runtime), labels
         self.cached = cache
+        if cache is not None:
+            sharing.put(self.key, (cache, size), size)
+
+    def shared_key(self, loader, runtime: Runtime) -> str | None:
+        """What the cached outputs depend on: the eval stem (its code, hence the architecture and the
+        cut, and its weights), the precision, layout and device, and the val loader's batches.
+        None where the loader does not say what its batches are, or nothing would be cached."""
+        identity = getattr(loader, "identity", None)
+        if identity is None or self.max_bytes <= 0:
+            return None
+        stem = self.backbone.eval_stem
+        weights = sharing.tensors_digest(stem.state_dict().values())
+        where = (str(runtime.device), str(runtime.amp_dtype), runtime.channels_last)
+        return sharing.key("backbone", stem.code, weights, where, identity)
 
 
 # Up to this many batches per frozen pass on a GPU, within a quarter of its free memory: at

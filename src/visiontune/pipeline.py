@@ -26,6 +26,7 @@ from visiontune import (
     recorder,
     resume,
     runtime,
+    sharing,
     tasks,
 )
 from visiontune.config import Job, Mode, Settings
@@ -117,6 +118,7 @@ def set_up(settings: Settings, job: Job, device: torch.device) -> SetUp:
     prepared = models.prepare(settings.model, settings.mode, len(checked.classes), weights)
     announce(prepared, settings.mode, checked, device)
     val_bytes = data.replay_bytes(len(checked.samples["val"]), prepared.spec.input_size)
+    sharing.set_budget(settings.data.cache_bytes)  # what earlier jobs of this process left, within this one's
     shares = CacheShares.divide(settings.data.cache_bytes, val_bytes, prepared)
     loaders = build_loaders(settings, checked, prepared, device, shares)
     steps = len(loaders["train"])
@@ -231,7 +233,9 @@ def build_loaders(
         num_labels=len(checked.classes) if checked.multilabel else 0,
     )
     loaders = data.build_loaders(checked.samples, loader_settings)
-    if shares.val_replay:
+    # An earlier job of this process replayed the same val batches: take them (sharing.py), also
+    # where a frozen backbone caches its outputs instead (its first pass then decodes nothing).
+    if shares.val_replay or sharing.get(loaders["val"].identity) is not None:
         loaders["val"] = data.ReplayLoader(loaders["val"])
     return loaders
 

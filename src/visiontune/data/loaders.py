@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from visiontune import VisiontuneError, augment
+from visiontune import VisiontuneError, augment, sharing
 from visiontune.config import AugmentSettings
 from visiontune.data.folders import Sample
 from visiontune.data.images import DECODED_SIDE_FACTOR, TooManyPixels, decode, transforms
@@ -123,6 +123,29 @@ def decode_once(dataset: ImageFiles, input_size: int, max_bytes: int, threads: i
     return decoded
 
 
+def decoded_images(dataset: ImageFiles, input_size: int, max_bytes: int, threads: int) -> list | None:
+    """decode_once, or the list an earlier job of this process decoded from the same files at the
+    same size (sharing.py): the very tensors a fresh decode would give."""
+    cap = DECODED_SIDE_FACTOR * input_size
+    files = sharing.files_identity(dataset.samples)
+    key = sharing.key("decoded", files, cap, dataset.skip_bad, dataset.max_image_pixels)
+    decoded = sharing.get(key)
+    if decoded is not None and _nbytes(decoded) <= max_bytes:
+        log.info(
+            "training images decoded once: %d MiB, shared with an earlier job", _nbytes(decoded) // 2**20
+        )
+        return decoded
+    sharing.make_room(max_bytes)
+    decoded = decode_once(dataset, input_size, max_bytes, threads)
+    if decoded is not None:
+        sharing.put(key, decoded, _nbytes(decoded))
+    return decoded
+
+
+def _nbytes(tensors: list) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def _mix(*numbers: int) -> int:
     """One seed from several whole numbers, the same in every process (unlike hash of a str)."""
     seed = 0
@@ -179,12 +202,18 @@ class ReplayLoader:
     """Iterates a loader once, keeps its batches, and replays them on later passes.
 
     For the validation split, whose transform is deterministic: decoding and resizing the
-    same images every epoch is work done once.
+    same images every epoch is work done once, and once per process where a sweep's jobs read
+    the same split (the loader's `identity`, sharing.py).
     """
 
     def __init__(self, loader: SkippingLoader):
         self.loader = loader
+        self.identity = getattr(loader, "identity", None)
         self.batches: list | None = None
+        self._skipped: int | None = None  # with batches an earlier job read
+        shared = sharing.get(self.identity)
+        if shared is not None:
+            self.batches, self._skipped = shared
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -192,7 +221,7 @@ class ReplayLoader:
     @property
     def skipped(self) -> int:
         """Images left out at decode on the one pass that read the files."""
-        return self.loader.skipped
+        return self.loader.skipped if self._skipped is None else self._skipped
 
     def __iter__(self):
         if self.batches is not None:
@@ -203,6 +232,7 @@ class ReplayLoader:
             batches.append(batch)
             yield batch
         self.batches = batches
+        sharing.put(self.identity, (batches, self.loader.skipped), _nbytes([images for images, _ in batches]))
 
 
 def replay_bytes(num_images: int, input_size: int) -> int:
@@ -231,9 +261,12 @@ class SkippingLoader:
     worker process has its own dataset, so the count travels with the batches.
     """
 
-    def __init__(self, loader: DataLoader):
+    def __init__(self, loader: DataLoader, identity: str | None = None):
         self.loader = loader
         self.skipped = 0
+        # What its batches depend on (the files, the transform's size, the batch size), for
+        # caches shared between a sweep's jobs (sharing.py); None: the batches are random.
+        self.identity = identity
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose order and augmentations the next pass draws (training only)."""
@@ -298,7 +331,9 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
         dataset = ImageFiles(shard, tfm, settings.skip_bad, settings.max_image_pixels, seed)
         dataset.num_labels = settings.num_labels
         if train and settings.train_cache_bytes:  # before the workers start: they share its memory
-            dataset.decoded = decode_once(dataset, settings.input_size, settings.train_cache_bytes, workers)
+            dataset.decoded = decoded_images(
+                dataset, settings.input_size, settings.train_cache_bytes, workers
+            )
         sampler = _sampler(shard, settings) if train else None
         loaders[split] = SkippingLoader(
             DataLoader(
@@ -314,7 +349,8 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
                 generator=torch.Generator().manual_seed(settings.seed),
                 drop_last=train and _short_last_batch(len(sampler), settings),
                 worker_init_fn=_leave_signals_to_the_main_process,
-            )
+            ),
+            identity=None if train else _val_identity(shard, settings),
         )
     return loaders
 
@@ -325,6 +361,14 @@ def _sampler(samples: list[Sample], settings: LoaderSettings) -> EpochShuffle:
             [label for _, label in samples], settings.seed, settings.rank, settings.world_size
         )
     return EpochShuffle(len(samples), settings.seed, settings.rank, settings.world_size)
+
+
+def _val_identity(shard: list[Sample], settings: LoaderSettings) -> str:
+    """What the val loader's batches depend on: they are the same in any job that builds this."""
+    files = sharing.files_identity(shard)
+    return sharing.key(
+        "val", files, settings.input_size, settings.batch_size, settings.skip_bad, settings.max_image_pixels
+    )
 
 
 def close(loaders: dict) -> None:
