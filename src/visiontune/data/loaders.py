@@ -323,17 +323,10 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
     rank, world = settings.rank, settings.world_size
     for split in samples:  # train, val, and test where there is one (ordered and sharded as val)
         train = split == "train"
-        seed = settings.seed if train else None
         # Validation shards without the sampler's padding: every image counts once, so accuracy
         # summed over ranks is exactly one process's.
         shard = samples[split] if train else samples[split][rank::world]
-        tfm = tfms["train" if train else "val"]
-        dataset = ImageFiles(shard, tfm, settings.skip_bad, settings.max_image_pixels, seed)
-        dataset.num_labels = settings.num_labels
-        if train and settings.train_cache_bytes:  # before the workers start: they share its memory
-            dataset.decoded = decoded_images(
-                dataset, settings.input_size, settings.train_cache_bytes, workers
-            )
+        dataset = _dataset(shard, tfms["train" if train else "val"], settings, train)
         sampler = _sampler(shard, settings) if train else None
         loaders[split] = SkippingLoader(
             DataLoader(
@@ -353,6 +346,16 @@ def build_loaders(samples: dict[str, list[Sample]], settings: LoaderSettings) ->
             identity=None if train else _val_identity(shard, settings),
         )
     return loaders
+
+
+def _dataset(shard: list[Sample], tfm, settings: LoaderSettings, train: bool) -> ImageFiles:
+    seed = settings.seed if train else None
+    dataset = ImageFiles(shard, tfm, settings.skip_bad, settings.max_image_pixels, seed)
+    dataset.num_labels = settings.num_labels
+    if train and settings.train_cache_bytes:  # before the workers start: they share its memory
+        workers = settings.num_workers
+        dataset.decoded = decoded_images(dataset, settings.input_size, settings.train_cache_bytes, workers)
+    return dataset
 
 
 def _sampler(samples: list[Sample], settings: LoaderSettings) -> EpochShuffle:
