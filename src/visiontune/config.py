@@ -160,6 +160,11 @@ EARLIER_DEFAULTS = {
     "scheduler.interval": "epoch",
     "mlflow.registered_model_name": None,
     "mlflow.champion_alias": "champion",
+    "ema.decay": None,
+    "early_stopping.patience": 0,
+    "early_stopping.min_delta": 0.0,
+    "accumulate_batches": 1,
+    "clip_grad_norm": None,
 }
 
 
@@ -235,6 +240,35 @@ class CheckpointSettings:
 
 
 @dataclass(frozen=True)
+class EmaSettings:
+    """ema.decay: an exponential moving average of the weights, validated beside them each epoch."""
+
+    decay: float | None = None  # None: no average kept
+
+    @property
+    def on(self) -> bool:
+        return self.decay is not None
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """early_stopping: stop once val accuracy has not risen by more than min_delta for `patience` epochs."""
+
+    patience: int = 0  # 0: never stop early
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the training loop does besides one optimiser step per batch."""
+
+    ema: EmaSettings = field(default_factory=EmaSettings)
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    accumulate_batches: int = 1  # batches whose gradients add up to one optimiser step
+    clip_grad_norm: float | None = None  # the gradients' largest total norm; None: not clipped
+
+
+@dataclass(frozen=True)
 class MlflowSettings:
     tracking_uri: str | None
     experiment_name: str
@@ -259,6 +293,7 @@ class Settings:
     batch_size: int
     seed: int
     resume: str | None
+    loop: LoopSettings = field(default_factory=LoopSettings)
 
 
 def read(cfg: DictConfig) -> Settings:
@@ -291,6 +326,7 @@ def read(cfg: DictConfig) -> Settings:
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         resume=None if cfg.resume is None else str(cfg.resume),
+        loop=_loop_settings(cfg),
     )
 
 
@@ -384,6 +420,31 @@ def _optim_settings(cfg: DictConfig) -> OptimSettings:
         decay_norm_and_bias=_value(cfg, "optimizer.decay_norm_and_bias"),
         per_batch=bool(cfg.scheduler) and _value(cfg, "scheduler.interval") == "batch",
         label_smoothing=smoothing,
+    )
+
+
+def _loop_settings(cfg: DictConfig) -> LoopSettings:
+    """ema, early_stopping, accumulate_batches and clip_grad_norm, checked."""
+    decay = _value(cfg, "ema.decay")
+    if decay is not None and (
+        isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < 1
+    ):
+        raise VisiontuneError(
+            f"ema.decay={decay} must be null (no average) or a number from 0 up to (not including) 1, "
+            f"e.g. ema.decay=0.999 (0 or null: off)"
+        )
+    patience, min_delta = _value(cfg, "early_stopping.patience"), _value(cfg, "early_stopping.min_delta")
+    _check_number("early_stopping.patience", patience, 5, whole=True, zero=True)
+    _check_number("early_stopping.min_delta", min_delta, 0.01, whole=False, zero=True)
+    accumulate, clip = _value(cfg, "accumulate_batches"), _value(cfg, "clip_grad_norm")
+    _check_number("accumulate_batches", accumulate, 4, whole=True)
+    if clip is not None:
+        _check_number("clip_grad_norm", clip, 1.0, whole=False)
+    return LoopSettings(
+        ema=EmaSettings(decay or None),  # 0 keeps nothing of the past: no average at all
+        early_stopping=EarlyStopping(patience, min_delta),
+        accumulate_batches=accumulate,
+        clip_grad_norm=clip,
     )
 
 
