@@ -448,6 +448,36 @@ def _loop_settings(cfg: DictConfig) -> LoopSettings:
     )
 
 
+@dataclass(frozen=True)
+class RangeTestSettings:
+    """visiontune-lr-find's own keys (conf/lr_find.yaml): the exponential learning-rate range test."""
+
+    start_lr: float
+    end_lr: float
+    steps: int
+    smoothing: float  # the loss's exponential smoothing, as fastai's (0.98)
+    diverge: float  # stop once the smoothed loss exceeds this many times its lowest
+
+
+def range_test_settings(cfg: DictConfig) -> RangeTestSettings:
+    """lr_find.* checked: a range from a rate up to a higher one, in 10 or more steps."""
+    found = cfg.lr_find
+    for key, example in (("start_lr", 1e-7), ("end_lr", 10), ("diverge", 4)):
+        _check_number(f"lr_find.{key}", found[key], example, whole=False)
+    _check_number("lr_find.steps", found.steps, 100, whole=True)
+    if found.end_lr <= found.start_lr or found.steps < 10:
+        raise VisiontuneError(
+            f"lr_find: the range test needs end_lr > start_lr and 10 steps or more (it has start_lr="
+            f"{found.start_lr}, end_lr={found.end_lr}, steps={found.steps}), e.g. lr_find.end_lr=10"
+        )
+    smoothing = found.smoothing
+    if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing < 1:
+        raise VisiontuneError(
+            f"lr_find.smoothing={smoothing} must be from 0 up to (not including) 1, e.g. 0.98"
+        )
+    return RangeTestSettings(found.start_lr, found.end_lr, found.steps, smoothing, found.diverge)
+
+
 def _checkpoint_settings(checkpoint: DictConfig) -> CheckpointSettings:
     every = checkpoint.every_epochs
     if not isinstance(every, int) or isinstance(every, bool) or every < 0:

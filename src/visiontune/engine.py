@@ -154,7 +154,7 @@ def train_one_epoch(
         )
         with steps.syncing(index):  # DDP reduces the gradients on a step's last batch alone
             with runtime.autocast():
-                logits, loss = _training_loss(model.spec, trained, mixed, targets, training.criterion)
+                logits, loss = training_loss(model.spec, trained, mixed, targets, training.criterion)
             training.scaler.scale(loss / steps.share(index)).backward()
         steps.after(index)
         tally.add(loss, logits, labels, scored=training.mix is None)
@@ -227,7 +227,7 @@ def _whole(loader, runtime: Runtime):
         yield (images,), labels
 
 
-def _training_loss(
+def training_loss(
     spec, module: nn.Module, inputs: tuple, labels, criterion
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(main logits, loss). A model with an auxiliary head returns its logits too in training."""
