@@ -67,7 +67,8 @@ def test_every_layer_group_keeps_its_ratio_to_the_heads_rate():
 def test_the_suggestions_are_fastais_minimum_over_ten_and_steepest_descent():
     lrs = [10 ** (-7 + i * 0.1) for i in range(40)]
     losses = [2.0 - 0.05 * i if i < 30 else 0.5 + 0.3 * (i - 30) for i in range(40)]  # lowest at i = 30
-    losses[20] -= 0.2  # the steepest single drop: from 19 to 20
+    losses[20] -= 0.2  # the steepest single drop on the way down: from 19 to 20
+    losses[33] -= 0.6  # a steeper dip in the blow-up, past the minimum: not a rate to suggest
     minimum, steepest = lr_find.suggestions(lrs, losses)
     assert minimum == pytest.approx(lrs[30] / 10)
     assert steepest == pytest.approx(lrs[20])

@@ -339,6 +339,8 @@ def fit(
     # only because it came before a stage whose gradients went unreduced.
     if distributed.world_size() > 1:
         distributed.same_weights_everywhere(module)
+        if training.ema is not None:
+            distributed.same_weights_everywhere(training.ema.module)
     module.load_state_dict(progress.best_state)
     return FitResult(progress.best_acc, progress.best_epoch, progress.curve, progress.best_from, stopped)
 

@@ -92,13 +92,16 @@ def _batches(loader):
 
 def suggestions(lrs: list[float], losses: list[float]) -> tuple[float, float]:
     """(minimum / 10, steepest descent) over the curve with its first tenth and last 5 points left
-    out, as fastai does: the start is mostly smoothing warming up, the end the blow-up."""
+    out, as fastai does: the start is mostly smoothing warming up, the end the blow-up. The steepest
+    descent is looked for on the way down to the minimum: past it, a noisy blow-up has dips too."""
     if len(lrs) < 2:
         raise ValueError("the range test diverged at once: no curve to suggest a rate from")
     trim = slice(len(lrs) // 10, -5) if len(lrs) >= 20 else slice(None)
     kept_lrs, kept = np.array(lrs[trim]), np.array(losses[trim])
-    minimum = float(kept_lrs[kept.argmin()]) / 10
-    slopes = np.diff(kept) / np.diff(np.log(kept_lrs))
+    lowest = int(kept.argmin())
+    minimum = float(kept_lrs[lowest]) / 10
+    upto = max(lowest + 1, 2)
+    slopes = np.diff(kept[:upto]) / np.diff(np.log(kept_lrs[:upto]))
     steepest = float(kept_lrs[slopes.argmin() + 1])
     return minimum, steepest
 
