@@ -1,5 +1,7 @@
 """Every model x mode x optimizer x scheduler composes into typed values the code can use."""
 
+import re
+
 import pytest
 import torch
 
@@ -142,3 +144,25 @@ def test_an_experiment_name_yaml_reads_as_a_number_or_flag_is_the_text_typed(typ
     with open_dict(cfg):  # the config a sweep callback gets holds the overrides as typed
         cfg.hydra = {"overrides": {"task": [f"mlflow.experiment_name={typed}"]}}
     assert config.read_mlflow(cfg).experiment_name == typed
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ema.decay=1", "ema.decay=1 must be null"),
+        ("ema.decay=true", "ema.decay=True must be null"),
+        ("early_stopping.patience=-1", "early_stopping.patience=-1 must be 0 or a positive whole number"),
+        ("early_stopping.min_delta=-0.1", "early_stopping.min_delta=-0.1 must be 0 or a positive number"),
+        ("accumulate_batches=0", "accumulate_batches=0 must be a positive whole number"),
+        ("clip_grad_norm=0", "clip_grad_norm=0 must be a positive number"),
+    ],
+)
+def test_loop_options_no_training_can_use_are_one_line(override, message):
+    with pytest.raises(VisiontuneError, match=re.escape(message)):
+        config.read(compose_cfg(override))
+
+
+def test_loop_options_are_read_with_ema_zero_meaning_off():
+    loop = config.read(compose_cfg("ema.decay=0", "early_stopping.patience=3", "accumulate_batches=4")).loop
+    assert (loop.ema.on, loop.early_stopping.patience, loop.accumulate_batches) == (False, 3, 4)
+    assert config.read(compose_cfg("ema.decay=0.999")).loop.ema.decay == 0.999

@@ -80,9 +80,12 @@ def _yaml_of(group: str, option: str) -> dict:
 
 
 def top_level_keys() -> list[Key]:
-    """train.yaml's own keys: the composed config without the groups."""
+    """train.yaml's own keys: the composed config without the groups; then lr_find.yaml's own
+    (visiontune-lr-find composes train.yaml and adds them)."""
     tree = compose([])
-    return [k for k in _flatten(tree) if k.path.split(".")[0] not in GROUPS]
+    lr_find = yaml.safe_load(resources.files(PACKAGE).joinpath("lr_find.yaml").read_text())
+    own = [k for k in _flatten(tree) if k.path.split(".")[0] not in GROUPS]
+    return own + _flatten({"lr_find": lr_find["lr_find"]})
 
 
 def group_keys(group: str, option: str) -> list[Key]:

@@ -1,8 +1,9 @@
 """Checkpoint files: what a run needs to continue exactly where it stopped, written atomically.
 
-`last.pt` after every epoch (model, optimizer, scheduler, scaler, progress, every random state,
-the epoch's metrics, the run id and config); `best.pt` only when an epoch improves, so the best
-weights are not rewritten every epoch. Each file is written beside its name, then renamed.
+`last.pt` after every epoch (model, optimizer, scheduler, scaler, the weights' moving average,
+progress with its early-stopping count, every random state, the epoch's metrics, the run id and
+config); `best.pt` only when an epoch improves, so the best weights are not rewritten every epoch.
+Each file is written beside its name, then renamed.
 Which checkpoint a run continues from is resume.py's decision.
 """
 
@@ -51,11 +52,15 @@ def save(folder: Path, training: engine.Training, progress: engine.Progress, ext
         "optimizer": training.optimizer.state_dict(),
         "scheduler": training.scheduler.state_dict() if training.scheduler else None,
         "scaler": training.scaler.state_dict(),
+        "ema": training.ema.state_dict() if training.ema is not None else None,
         "progress": {
             "epoch": progress.epoch,
             "best_acc": progress.best_acc,
             "best_epoch": progress.best_epoch,
             "curve": list(progress.curve),
+            "best_from": progress.best_from,
+            "watched": progress.watched,
+            "waited": progress.waited,
         },
         "rng": _random_states(),
         **extra,
@@ -109,6 +114,8 @@ def restore(saved: Saved, training: engine.Training) -> engine.Progress:
     if training.scheduler is not None and saved.state["scheduler"] is not None:
         training.scheduler.load_state_dict(saved.state["scheduler"])
     training.scaler.load_state_dict(saved.state["scaler"])
+    if training.ema is not None:
+        training.ema.load_state_dict(saved.state["ema"])
     _set_random_states(saved.state["rng"])
     best = saved.folder / BEST
     best_state = torch.load(best, map_location="cpu", weights_only=True) if best.is_file() else None

@@ -178,6 +178,11 @@ EARLIER_DEFAULTS = {
     "predict.threshold": 0.5,
     "mlflow.champion_margin": 0.0,  # the alias moved to each sweep's best child, ungated
     "mlflow.champion_force": True,
+    "ema.decay": None,
+    "early_stopping.patience": 0,
+    "early_stopping.min_delta": 0.0,
+    "accumulate_batches": 1,
+    "clip_grad_norm": None,
 }
 
 
@@ -322,6 +327,35 @@ class CheckpointSettings:
 
 
 @dataclass(frozen=True)
+class EmaSettings:
+    """ema.decay: an exponential moving average of the weights, validated beside them each epoch."""
+
+    decay: float | None = None  # None: no average kept
+
+    @property
+    def on(self) -> bool:
+        return self.decay is not None
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """early_stopping: stop once val accuracy has not risen by more than min_delta for `patience` epochs."""
+
+    patience: int = 0  # 0: never stop early
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the training loop does besides one optimiser step per batch."""
+
+    ema: EmaSettings = field(default_factory=EmaSettings)
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    accumulate_batches: int = 1  # batches whose gradients add up to one optimiser step
+    clip_grad_norm: float | None = None  # the gradients' largest total norm; None: not clipped
+
+
+@dataclass(frozen=True)
 class MlflowSettings:
     tracking_uri: str | None
     experiment_name: str
@@ -349,6 +383,7 @@ class Settings:
     seed: int
     resume: str | None
     augment: AugmentSettings
+    loop: LoopSettings = field(default_factory=LoopSettings)
 
 
 def read(cfg: DictConfig) -> Settings:
@@ -368,7 +403,7 @@ def read(cfg: DictConfig) -> Settings:
             f"mode={mode.name} starts from pretrained weights but model.weights is null: "
             f"set model.weights=DEFAULT or a state-dict path, or use mode=scratch"
         )
-    return Settings(
+    settings = Settings(
         model=spec,
         weights=None if weights is None else str(weights),
         mode=mode,
@@ -382,7 +417,21 @@ def read(cfg: DictConfig) -> Settings:
         seed=cfg.seed,
         resume=None if cfg.resume is None else str(cfg.resume),
         augment=_augment_settings(cfg),
+        loop=_loop_settings(cfg),
     )
+    _check_mixing(settings)
+    return settings
+
+
+def _check_mixing(settings: Settings) -> None:
+    """mixup and cutmix blend one class into another: a multi-label run's targets are no single class."""
+    tables = settings.data.tables
+    if settings.augment.mixes and tables is not None and tables.label_delim is not None:
+        raise VisiontuneError(
+            f"augment.mixup_alpha={settings.augment.mixup_alpha} / augment.cutmix_alpha="
+            f"{settings.augment.cutmix_alpha} mix single-label batches; a multi-label run "
+            f"(data.label_delim={tables.label_delim!r}) takes neither: set both to 0"
+        )
 
 
 def _check_model(spec: ModelSpec, batch_size: int) -> None:
@@ -558,6 +607,61 @@ def _class_weights(cfg: DictConfig) -> str | None:
             f"by its inverse frequency in the training split)"
         )
     return weights
+
+
+def _loop_settings(cfg: DictConfig) -> LoopSettings:
+    """ema, early_stopping, accumulate_batches and clip_grad_norm, checked."""
+    decay = _value(cfg, "ema.decay")
+    if decay is not None and (
+        isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < 1
+    ):
+        raise VisiontuneError(
+            f"ema.decay={decay} must be null (no average) or a number from 0 up to (not including) 1, "
+            f"e.g. ema.decay=0.999 (0 or null: off)"
+        )
+    patience, min_delta = _value(cfg, "early_stopping.patience"), _value(cfg, "early_stopping.min_delta")
+    _check_number("early_stopping.patience", patience, 5, whole=True, zero=True)
+    _check_number("early_stopping.min_delta", min_delta, 0.01, whole=False, zero=True)
+    accumulate, clip = _value(cfg, "accumulate_batches"), _value(cfg, "clip_grad_norm")
+    _check_number("accumulate_batches", accumulate, 4, whole=True)
+    if clip is not None:
+        _check_number("clip_grad_norm", clip, 1.0, whole=False)
+    return LoopSettings(
+        ema=EmaSettings(decay or None),  # 0 keeps nothing of the past: no average at all
+        early_stopping=EarlyStopping(patience, min_delta),
+        accumulate_batches=accumulate,
+        clip_grad_norm=clip,
+    )
+
+
+@dataclass(frozen=True)
+class RangeTestSettings:
+    """visiontune-lr-find's own keys (conf/lr_find.yaml): the exponential learning-rate range test."""
+
+    start_lr: float
+    end_lr: float
+    steps: int
+    smoothing: float  # the loss's exponential smoothing, as fastai's (0.98)
+    diverge: float  # stop once the smoothed loss exceeds this many times its lowest
+
+
+def range_test_settings(cfg: DictConfig) -> RangeTestSettings:
+    """lr_find.* checked: a range from a rate up to a higher one, in 10 or more steps."""
+    found = cfg.lr_find
+    for key, example in (("start_lr", 1e-7), ("end_lr", 10), ("diverge", 4)):
+        _check_number(f"lr_find.{key}", found[key], example, whole=False)
+    _check_number("lr_find.steps", found.steps, 100, whole=True)
+    if found.end_lr <= found.start_lr or found.steps < 10:
+        raise VisiontuneError(
+            f"lr_find: the range test needs end_lr > start_lr and 10 steps or more (it has start_lr="
+            f"{found.start_lr}, end_lr={found.end_lr}, steps={found.steps}), e.g. lr_find.end_lr=10"
+        )
+    smoothing = found.smoothing
+    if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing < 1:
+        raise VisiontuneError(
+            f"lr_find.smoothing={smoothing} must be from 0 up to (not including) 1, e.g. 0.98"
+        )
+    return RangeTestSettings(found.start_lr, found.end_lr, found.steps, smoothing, found.diverge)
 
 
 def _checkpoint_settings(checkpoint: DictConfig) -> CheckpointSettings:

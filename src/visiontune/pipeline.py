@@ -30,6 +30,7 @@ from visiontune import (
     tasks,
 )
 from visiontune.config import Job, Mode, Settings
+from visiontune.ema import WeightAverage
 
 log = logging.getLogger("visiontune")
 
@@ -125,6 +126,7 @@ def set_up(settings: Settings, job: Job, device: torch.device) -> SetUp:
     training = build_training(
         settings, prepared, device, steps, shares.backbone_bytes, loss_of(settings, checked)
     )
+    training.mix = augment.batch_mixer(settings.augment, len(checked.classes))  # mixup / cutmix, or None
     return SetUp(checked, prepared, loaders, training)
 
 
@@ -261,6 +263,8 @@ def build_training(
         prepared.find_frozen_norms()  # the layers were swapped; frozen groups' ones stay in eval mode
         log.info("BatchNorm layers synchronised across ranks (SyncBatchNorm)")
     optimizer = optim.build_optimizer(settings.optim, prepared)
+    loop = settings.loop
+    steps_per_epoch = -(-steps_per_epoch // loop.accumulate_batches)  # optimiser steps: batches / N, up
     scheduler = optim.build_scheduler(settings.optim, optimizer, settings.epochs, steps_per_epoch)
     return engine.Training(
         model=prepared,
@@ -274,6 +278,12 @@ def build_training(
         backbone_batches=backbone_batches(settings),
         backbone_cache_bytes=backbone_cache_bytes,
         compile=settings.runtime.compile,
+        ema=WeightAverage(prepared.module, loop.ema.decay) if loop.ema.on else None,
+        accumulate_batches=loop.accumulate_batches,
+        clip_grad_norm=loop.clip_grad_norm,
+        patience=loop.early_stopping.patience,
+        min_delta=loop.early_stopping.min_delta,
+        seed=settings.seed,
     )
 
 

@@ -183,19 +183,12 @@ class RunRecorder:
         self.startup.record(step=r.epoch)
         epochs = self.settings.epochs
         score = "mAP" if r.val.extra else "acc"  # multi-label: the best epoch is chosen by mAP
+        train_acc = "-" if r.train.acc is None else f"{r.train.acc:.4f}"  # mixed batches: no accuracy
+        ema = "" if r.val_ema is None else f" ema {r.val_ema.acc:.4f}"
         log.info(
-            "epoch %*d/%d  train loss %.4f %s %.4f | val loss %.4f %s %.4f | %.1fs%s",
-            *(
-                len(str(epochs)),
-                r.epoch,
-                epochs,
-                r.train.loss,
-                score,
-                r.train.acc,
-                r.val.loss,
-                score,
-                r.val.acc,
-            ),
+            "epoch %*d/%d  train loss %.4f %s %s | val loss %.4f %s %.4f%s | %.1fs%s",
+            *(len(str(epochs)), r.epoch, epochs, r.train.loss, score, train_acc),
+            *(r.val.loss, score, r.val.acc, ema),
             *(r.seconds, "  * best" if r.improved else ""),
         )
 
@@ -227,11 +220,19 @@ class RunRecorder:
         store.log_metrics({"best_val_acc": result.best_acc, "best_epoch": result.best_epoch})
         if setup.checked.multilabel:  # best_val_acc holds the score the best epoch was chosen by
             store.log_metrics({"best_val_mAP": result.best_acc})
+        marks = {tags.BEST_WEIGHTS: result.best_from}
+        if result.stopped_early:
+            marks[tags.EARLY_STOPPED] = store.shorten(result.stopped_early, store.TAG_VALUE_LIMIT)
+        store.set_tags(marks)
         curves = {f"{setup.prepared.spec.name}-{self.settings.mode.name}": result.val_curve}
         store.log_figure(report.accuracy_curves(curves, "Validation accuracy"), "val_acc.png")
         log.info(
-            "best val acc %.4f at epoch %d; browse runs with: visiontune-ui",
-            *(result.best_acc, result.best_epoch),
+            "best val acc %.4f at epoch %d%s; browse runs with: visiontune-ui",
+            *(
+                result.best_acc,
+                result.best_epoch,
+                " (the weights' moving average)" * (result.best_from == "ema"),
+            ),
         )
         if self.settings.mlflow.log_model:
             # A sweep registers only its best child, at its end (sweep.py).
@@ -282,6 +283,14 @@ def epoch_metrics(r: engine.EpochReport) -> dict[str, float]:
     metrics = {"train_loss": r.train.loss, "train_acc": r.train.acc, "val_loss": r.val.loss}
     metrics |= {"val_acc": r.val.acc, "epoch_seconds": r.seconds, "lr": r.lrs[HEAD_GROUP]}
     metrics |= {f"val_{key}": value for key, value in r.val.extra.items()}  # multi-label: mAP, F1s
+    metrics |= {"train_acc_top5": r.train.top5, "val_acc_top5": r.val.top5}  # over 5 classes only
+    if r.val_ema is not None:
+        metrics |= {
+            "val_acc_ema": r.val_ema.acc,
+            "val_loss_ema": r.val_ema.loss,
+            "val_acc_ema_top5": r.val_ema.top5,
+        }
+    metrics = {key: value for key, value in metrics.items() if value is not None}  # train_acc: mixed batches
     if len(r.lrs) > 1:  # layer-wise rates, and how many groups trained (staged unfreezing)
         metrics |= {f"lr_{name}": lr for name, lr in r.lrs.items() if name != HEAD_GROUP}
         metrics["trainable_groups"] = len(r.trainable)

@@ -19,7 +19,8 @@ def folder(tmp_path_factory):
 
 def train_args(folder, workers: int) -> list[str]:
     data = [f"data.root={folder}", "data=imagefolder", "model.input_size=64", f"num_workers={workers}"]
-    return [*data, "mode=scratch", "model=resnet", "epochs=3", "batch_size=4", "seed=7"]
+    # ema.decay: the weights' moving average resumes exactly too (val_acc_ema, the model it may become).
+    return [*data, "ema.decay=0.9", "mode=scratch", "model=resnet", "epochs=3", "batch_size=4", "seed=7"]
 
 
 def stop_after_first_epoch(cwd, args, how: int) -> tuple[int, str]:
@@ -33,7 +34,7 @@ def history(cwd, run) -> dict:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}")
-    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "val_acc_ema", "lr")
     return {
         k: [
             (m.step, m.value)

@@ -28,6 +28,15 @@ OUTPUT_DIR = "visiontune.output_dir"
 CONFIG_DIGEST = "visiontune.config_digest"  # what resume=last matches a run on (checkpoint.digest)
 RESUME_COMMAND = "visiontune.resume_command"  # set on a run stopped early: the command that continues it
 
+# --- how a training run ended -----------------------------------------------------------------------
+
+EARLY_STOPPED = "visiontune.early_stopped"  # on a run early stopping ended: after which epoch, and why
+BEST_WEIGHTS = "visiontune.best_weights"  # "weights" or "ema": which of the best epoch's the model is
+
+# --- a learning-rate range test (visiontune-lr-find) -------------------------------------------------
+
+LR_FIND = "visiontune.lr_find"  # "true": a range test's run, not a training run (it logs no model)
+
 # --- a sweep --------------------------------------------------------------------------------------
 
 SWEEP = "visiontune.sweep"  # "parent" on a sweep's parent run: not a training run of its own
