@@ -6,6 +6,7 @@ resume.py decides what a run continues, recorder.py what it records (on rank 0 a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +127,8 @@ def set_up(settings: Settings, job: Job, device: torch.device) -> SetUp:
     training = build_training(
         settings, prepared, device, steps, shares.backbone_bytes, loss_of(settings, checked)
     )
-    training.mix = augment.batch_mixer(settings.augment, len(checked.classes))  # mixup / cutmix, or None
+    mix = augment.batch_mixer(settings.augment, len(checked.classes))  # mixup / cutmix, or None
+    training = dataclasses.replace(training, mix=mix)
     return SetUp(checked, prepared, loaders, training)
 
 
