@@ -35,8 +35,19 @@ class FrozenBackbone:
     """
 
     def __init__(self, model: nn.Module, heads: tuple[str, ...]):
-        self.train_stem, self.rest = _split(model, heads, training=True)
-        self.eval_stem, self.eval_rest = _split(model, heads, training=False)
+        try:
+            self.train_stem, self.rest = _split(model, heads, training=True)
+            self.eval_stem, self.eval_rest = _split(model, heads, training=False)
+        except Exception as err:  # noqa: BLE001 - fx raises TraceError, TypeError, ... on Python control flow
+            # The plain loop: the stem hands the images on, the rest is the whole model, per batch.
+            first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+            log.info(
+                "frozen backbone: torch.fx cannot trace %s (%s); the whole model runs on each batch",
+                type(model).__name__,
+                first,
+            )
+            self.train_stem = self.eval_stem = _Images()
+            self.rest = self.eval_rest = model
         self.per_pass: int | None = None  # batches per stem pass in training, once chosen
 
     def features(self, images: torch.Tensor, runtime: Runtime, training: bool = True) -> tuple:
@@ -151,6 +162,13 @@ _PER_BATCH_FUNCTIONS = {
     nn.functional.linear,
     torch.matmul,
 }
+
+
+class _Images(nn.Module):
+    """The stem of a model fx cannot cut: its input, as the one tensor the rest (the model) reads."""
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+        return (images,)
 
 
 def _split(model: nn.Module, heads: tuple[str, ...], training: bool) -> tuple[torch.fx.GraphModule, ...]:
