@@ -4,6 +4,7 @@ offline, every mode applied; random weights and small inputs throughout."""
 from __future__ import annotations
 
 import functools
+import logging
 
 import pytest
 import torch
@@ -177,3 +178,35 @@ def test_config_knows_the_found_groups_before_torch():
     assert spec.name == "efficientnet_b0"  # runs and leaderboards name the architecture
     with pytest.raises(VisiontuneError, match="model.mean=.* must be 3 numbers"):
         found_spec("timm", "resnet10t", "model.mean=[0.5]")
+
+
+@pytest.mark.parametrize(
+    "source, arch, cut", [("torchvision", "mobilenet_v3_small", True), ("timm", "convnext_atto", False)]
+)
+def test_feature_extraction_trains_bit_for_bit_cut_or_whole(source, arch, cut, caplog):
+    """Where fx cuts the model below its head the backbone runs apart, on three batches at once;
+    where it cannot (convnext's layer scales cross the cut as no batch) the model runs whole, said
+    in one line. Either way: the losses and the head's weights of the plain loop, at float32."""
+    from helpers import cpu_training
+    from visiontune import engine
+    from visiontune.frozen import FrozenBackbone
+
+    caplog.set_level(logging.INFO, logger="visiontune.frozen")
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(n, 3, 32, 32, generator=generator), torch.arange(n) % 2) for n in (2, 2, 2, 1)]
+    mode = config.mode_of(compose_cfg("mode=feature_extract").mode)
+    results = []
+    for split in (False, True):
+        torch.manual_seed(0)
+        prepared = models.prepare(found_spec(source, arch), mode, NUM_CLASSES, None)
+        optimizer = torch.optim.SGD([p for p in prepared.module.parameters() if p.requires_grad], lr=0.1)
+        frozen = FrozenBackbone(prepared.module, prepared.spec.heads) if split else None
+        torch.manual_seed(3)
+        result = engine.train_one_epoch(cpu_training(prepared, optimizer), batches, frozen=frozen, per_pass=3)
+        head = prepared.module.get_submodule(prepared.spec.head)
+        results.append((result.loss, result.acc, [p.detach().clone() for p in head.parameters()]))
+    (loss, acc, weights), (split_loss, split_acc, split_weights) = results
+    assert (split_loss, split_acc) == (loss, acc)
+    assert all(torch.equal(a, b) for a, b in zip(weights, split_weights, strict=True))
+    fallback = [r.getMessage() for r in caplog.records if "cannot cut" in r.getMessage()]
+    assert len(fallback) == (0 if cut else 1)

@@ -42,7 +42,7 @@ class FrozenBackbone:
             # The plain loop: the stem hands the images on, the rest is the whole model, per batch.
             first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
             log.info(
-                "frozen backbone: torch.fx cannot trace %s (%s); the whole model runs on each batch",
+                "frozen backbone: torch.fx cannot cut %s below its heads (%s): the whole model runs",
                 type(model).__name__,
                 first,
             )
@@ -164,6 +164,18 @@ _PER_BATCH_FUNCTIONS = {
 }
 
 
+def _check_per_image(graph: torch.fx.Graph, crossing: list[torch.fx.Node]) -> None:
+    """The stem hands on batches only: a value computed from the weights alone (timm's layer scales
+    reshaped) has no batch dimension to split, so such a model runs whole (FrozenBackbone)."""
+    from_input: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(n in from_input for n in node.all_input_nodes):
+            from_input.add(node)
+    fixed = [n.name for n in crossing if n not in from_input]
+    if fixed:
+        raise ValueError(f"the cut below the heads hands on values that are no batch: {', '.join(fixed[:3])}")
+
+
 class _Images(nn.Module):
     """The stem of a model fx cannot cut: its input, as the one tensor the rest (the model) reads."""
 
@@ -196,6 +208,7 @@ def _split(model: nn.Module, heads: tuple[str, ...], training: bool) -> tuple[to
     crossing = [
         n for n in graph.nodes if n not in later and n.op != "get_attr" and any(u in later for u in n.users)
     ]
+    _check_per_image(graph, crossing)
 
     stem, env = torch.fx.Graph(), {}
     for node in graph.nodes:

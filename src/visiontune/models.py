@@ -126,10 +126,12 @@ class PreparedModel:
 def prepare(spec: ModelSpec, mode: Mode, num_classes: int, weights: Weights | None) -> PreparedModel:
     """The one place a mode is applied: weights, heads, and what trains in the first epoch."""
     weights = weights if mode.pretrained else None
-    module, spec = build(spec, num_classes, weights)
-    prepared = PreparedModel(module, spec, mode, weights, layer_groups(module, spec))
+    module, complete = build(spec, num_classes, weights)
+    prepared = PreparedModel(module, complete, mode, weights, layer_groups(module, complete))
     if spec.found:
-        log.info("%s: head %s; layer groups %s", spec.arch, ", ".join(spec.heads), found.describe(spec))
+        log.info(
+            "%s: head %s; layer groups %s", spec.arch, ", ".join(complete.heads), found.describe(complete)
+        )
     prepared.enter_epoch(1)
     return prepared
 
