@@ -210,3 +210,34 @@ def test_feature_extraction_trains_bit_for_bit_cut_or_whole(source, arch, cut, c
     assert all(torch.equal(a, b) for a, b in zip(weights, split_weights, strict=True))
     fallback = [r.getMessage() for r in caplog.records if "cannot cut" in r.getMessage()]
     assert len(fallback) == (0 if cut else 1)
+
+
+# torchvision's builders rebuild and export as for the six presets (tests/test_commands_export.py);
+# timm's create_model route is the new one, so it runs by default.
+@pytest.mark.parametrize(
+    "source, arch",
+    [pytest.param("torchvision", "mobilenet_v3_small", marks=pytest.mark.slow), ("timm", "resnet10t")],
+)
+def test_logged_and_onnx_models_score_as_the_trained_one(source, arch, tmp_path):
+    """The logged model's files rebuild the module (timm's through timm.create_model) and the ONNX
+    export scores alike; both carry the input size and normalisation found."""
+    from helpers import like_trained
+    from visiontune import portable
+    from visiontune.classifier import Classifier
+    from visiontune.commands import export
+
+    mode = config.mode_of(compose_cfg("mode=scratch").mode)
+    torch.manual_seed(0)
+    prepared = models.prepare(found_spec(source, arch, "model.input_size=64"), mode, 2, None)
+    spec = prepared.spec
+    module = like_trained(prepared.module, 64)
+    classifier = Classifier(module, ["ants", "bees"], 64, spec.name, spec.arch, mean=spec.mean, std=spec.std)
+    portable.save(tmp_path / "data", module, classifier.spec())
+    saved = portable.read_spec(tmp_path / "data")
+    assert (saved["source"], saved["mean"], saved["input_size"]) == (source, list(spec.mean), 64)
+    rebuilt = portable.load_module(tmp_path / "data", saved)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), module(images))
+    parity = export.export_onnx(classifier, tmp_path / "m.onnx")
+    assert parity.max_diff < 1e-4 and 1e-3 < parity.largest_logit < 100

@@ -7,7 +7,7 @@ import csv
 
 import pytest
 
-from helpers import FAST, run_cli, store_runs
+from helpers import FAST, NO_TORCH, cli_env, run_cli, store_runs
 
 
 def test_found_models_train_named_by_arch_and_their_logged_models_predict_the_runs_accuracy(
@@ -59,3 +59,13 @@ def test_visiontune_models_lists_names_by_source_and_pattern(tmp_path):
     assert "model=torchvision model.arch=convnext_tiny" in lines
     assert "model=timm model.arch=convnext_atto" in lines
     assert all("convnext_" in line for line in lines)
+
+
+def test_visiontune_models_help_and_presets_need_no_torch(tmp_path):
+    env = cli_env(tmp_path) | NO_TORCH
+    result = run_cli(tmp_path, "--help", module="visiontune.commands.models", env=env)
+    assert result.returncode == 0 and "--filter" in result.stdout, result.stderr
+    result = run_cli(
+        tmp_path, "--source", "presets", "--filter", "res*", module="visiontune.commands.models", env=env
+    )
+    assert result.returncode == 0 and result.stdout.splitlines() == ["model=resnet"], result.stderr
