@@ -47,6 +47,10 @@ def complete(spec: ModelSpec, model: nn.Module, weights) -> tuple[ModelSpec, dic
         heads = (spec.head,) if spec.head else _torchvision_heads(model, spec.arch, kwargs)
         units = tree_units(model, heads)
         preprocessing = torchvision_preprocessing(spec.arch, weights)
+        # A ViT takes the one size it was built for: vit_h_14's DEFAULT weights (518 px) build it at
+        # 518, random init or a state dict at 224.
+        if isinstance(getattr(model, "image_size", None), int):
+            preprocessing = replace(preprocessing, input_size=model.image_size)
     found = replace(
         spec,
         head=heads[0],
