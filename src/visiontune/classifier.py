@@ -53,6 +53,7 @@ class Classifier:
         return self.metadata() | {
             "builder_kwargs": dict(build["builder_kwargs"]),
             "heads": list(build["heads"]),
+            "source": build.get("source", "torchvision"),
         }
 
     @classmethod

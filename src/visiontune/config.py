@@ -23,12 +23,14 @@ PRECISIONS = ("auto", "off", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What visiontune must know of one torchvision architecture (one conf/model/*.yaml)."""
+    """What visiontune must know of one architecture: a preset's conf/model/*.yaml, or, for
+    model=torchvision / model=timm, what models.prepare finds in the built model (head: null)."""
 
-    name: str  # the config option: resnet, inception, ...
-    arch: str  # torchvision.models builder name
-    head: str  # module path of the classifier layer that gets num_classes outputs
-    input_size: int
+    name: str  # the config option: resnet, inception, ...; the arch itself for model=torchvision|timm
+    arch: str  # torchvision.models builder name, or timm model name
+    head: str | None = None  # module path of the classifier layer that gets num_classes outputs; null: found
+    input_size: int | None = None  # null: the weights' own crop size
+    source: str = "torchvision"  # the library that builds `arch`: torchvision or timm
     aux_head: str | None = None  # a second classifier whose output training also returns
     min_input_size: int = 1
     # Training batches smaller than this crash the model: batch norm on a 1x1 map needs 2 images.
@@ -37,18 +39,37 @@ class ModelSpec:
     pretrained_kwargs: Mapping = field(default_factory=dict)  # builder arguments the weights expect
     scratch_kwargs: Mapping = field(default_factory=dict)  # builder arguments for random init
     # The layers below the heads, input first: group name -> module paths. The heads are the last group.
+    # Empty: found in the built model and split into FOUND_GROUPS.
     layer_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    mean: tuple[float, ...] | None = None  # per-channel normalisation; null: the weights' own (ImageNet's)
+    std: tuple[float, ...] | None = None
 
     @property
     def heads(self) -> tuple[str, ...]:
         return (self.head,) if self.aux_head is None else (self.head, self.aux_head)
 
     @property
+    def found(self) -> bool:
+        """Whether the head and layer groups are found in the model rather than written in a preset."""
+        return self.head is None or not self.layer_groups
+
+    @property
     def group_names(self) -> tuple[str, ...]:
         """Every layer group, from the input to the head."""
-        return (*self.layer_groups, HEAD_GROUP)
+        return (*(self.layer_groups or FOUND_GROUPS), HEAD_GROUP)
+
+    def found_params(self) -> dict:
+        """A run's params for the facts model=torchvision|timm finds (null in its config)."""
+        facts = {"head": self.head, "aux_head": self.aux_head, "input_size": self.input_size}
+        return {f"model.{k}": v for k, v in facts.items()} | {
+            "model.mean": list(self.mean or ()),
+            "model.std": list(self.std or ()),
+        }
 
 
+# The layer groups of a model without hand-written ones: its backbone's units split in three.
+FOUND_GROUPS = ("early", "middle", "late")
+SOURCES = ("torchvision", "timm")
 HEAD_GROUP = "head"
 
 
@@ -122,11 +143,14 @@ def model_spec(model_cfg: DictConfig) -> ModelSpec:
     """The spec of the composed `model` group; `weights` is the user's choice, not a fact of it."""
     facts = OmegaConf.to_container(model_cfg, resolve=True)
     facts.pop("weights", None)
-    facts["layer_groups"] = {name: tuple(paths) for name, paths in facts.get("layer_groups", {}).items()}
+    facts["layer_groups"] = {name: tuple(paths) for name, paths in (facts.get("layer_groups") or {}).items()}
+    for key in ("mean", "std"):
+        facts[key] = None if facts.get(key) is None else tuple(facts[key])
     try:
         spec = ModelSpec(**facts)
     except TypeError as err:  # an unknown or missing key in a model YAML
         raise VisiontuneError(f"model={model_cfg.get('name')}: {err}") from err
+    _check_found_facts(spec)
     if spec.aux_loss_weight and spec.aux_head is None:
         raise VisiontuneError(
             f"model.aux_loss_weight={spec.aux_loss_weight}: {spec.name} has no auxiliary head; "
@@ -135,14 +159,34 @@ def model_spec(model_cfg: DictConfig) -> ModelSpec:
     return spec
 
 
+def _check_found_facts(spec: ModelSpec) -> None:
+    """The keys of model=torchvision|timm that a user gives: the library, the arch, the normalisation."""
+    if spec.source not in SOURCES:
+        raise VisiontuneError(f"model.source={spec.source} must be one of {', '.join(SOURCES)}")
+    if not isinstance(spec.arch, str) or not spec.arch:
+        raise VisiontuneError(
+            f"model.arch={spec.arch!r} must name a {spec.source} model (visiontune-models lists them)"
+        )
+    for key in ("mean", "std"):
+        value = getattr(spec, key)
+        if value is not None and (len(value) != 3 or not all(isinstance(v, int | float) for v in value)):
+            raise VisiontuneError(
+                f"model.{key}={list(value)} must be 3 numbers, e.g. model.{key}=[0.5,0.5,0.5]"
+            )
+    if spec.std is not None and 0 in spec.std:
+        raise VisiontuneError(f"model.std={list(spec.std)}: no value may be 0")
+
+
 def mode_of(mode_cfg: DictConfig) -> Mode:
     return Mode(**OmegaConf.to_container(mode_cfg, resolve=True))
 
 
 def model_names() -> list[str]:
-    """The model options the package ships (conf/model/*.yaml): the architecture table's rows."""
+    """The presets the package ships (conf/model/*.yaml but torchvision and timm, which build any
+    model of their library): the architecture table's rows."""
     folder = resources.files("visiontune.conf") / "model"
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    options = (p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(name for name in options if name not in SOURCES)
 
 
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -435,7 +479,7 @@ def _check_mixing(settings: Settings) -> None:
 
 
 def _check_model(spec: ModelSpec, batch_size: int) -> None:
-    if spec.input_size < spec.min_input_size:
+    if spec.input_size is not None and spec.input_size < spec.min_input_size:
         raise VisiontuneError(
             f"model.input_size={spec.input_size} is too small for {spec.name}: it needs at least "
             f"{spec.min_input_size} px (model.input_size={spec.min_input_size})"
@@ -738,7 +782,8 @@ def _check_mode(mode: Mode, spec: ModelSpec, epochs: int) -> None:
     if mode.trainable_from not in spec.group_names:
         raise VisiontuneError(
             f"mode.trainable_from={mode.trainable_from} is not a layer group of {spec.name}: "
-            f"use one of {', '.join(spec.group_names)} (conf/model/{spec.name}.yaml names them)"
+            f"use one of {', '.join(spec.group_names)}"
+            + ("" if spec.found else f" (conf/model/{spec.name}.yaml names them)")
         )
     for key in ("freeze_epochs", "unfreeze_every"):
         _check_number(f"mode.{key}", getattr(mode, key), 1, whole=True, zero=True)

@@ -37,8 +37,19 @@ class FrozenBackbone:
     """
 
     def __init__(self, model: nn.Module, heads: tuple[str, ...]):
-        self.train_stem, self.rest = _split(model, heads, training=True)
-        self.eval_stem, self.eval_rest = _split(model, heads, training=False)
+        try:
+            self.train_stem, self.rest = _split(model, heads, training=True)
+            self.eval_stem, self.eval_rest = _split(model, heads, training=False)
+        except Exception as err:  # noqa: BLE001 - fx raises TraceError, TypeError, ... on Python control flow
+            # The plain loop: the stem hands the images on, the rest is the whole model, per batch.
+            first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+            log.info(
+                "frozen backbone: torch.fx cannot cut %s below its heads (%s): the whole model runs",
+                type(model).__name__,
+                first,
+            )
+            self.train_stem = self.eval_stem = _Images()
+            self.rest = self.eval_rest = model
         self.per_pass: int | None = None  # batches per stem pass in training, once chosen
 
     def features(self, images: torch.Tensor, runtime: Runtime, training: bool = True) -> tuple:
@@ -174,6 +185,25 @@ _PER_BATCH_FUNCTIONS = {
 }
 
 
+def _check_per_image(graph: torch.fx.Graph, crossing: list[torch.fx.Node]) -> None:
+    """The stem hands on batches only: a value computed from the weights alone (timm's layer scales
+    reshaped) has no batch dimension to split, so such a model runs whole (FrozenBackbone)."""
+    from_input: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(n in from_input for n in node.all_input_nodes):
+            from_input.add(node)
+    fixed = [n.name for n in crossing if n not in from_input]
+    if fixed:
+        raise ValueError(f"the cut below the heads hands on values that are no batch: {', '.join(fixed[:3])}")
+
+
+class _Images(nn.Module):
+    """The stem of a model fx cannot cut: its input, as the one tensor the rest (the model) reads."""
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+        return (images,)
+
+
 def _split(model: nn.Module, heads: tuple[str, ...], training: bool) -> tuple[torch.fx.GraphModule, ...]:
     """(stem, rest) of model.forward in train or eval mode: the stem maps the input to the tensors
     the rest reads, the rest maps those to the output. The rest begins at the first head or, in
@@ -199,6 +229,7 @@ def _split(model: nn.Module, heads: tuple[str, ...], training: bool) -> tuple[to
     crossing = [
         n for n in graph.nodes if n not in later and n.op != "get_attr" and any(u in later for u in n.users)
     ]
+    _check_per_image(graph, crossing)
 
     stem, env = torch.fx.Graph(), {}
     for node in graph.nodes:

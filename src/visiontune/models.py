@@ -6,6 +6,7 @@ branches on the architecture, and the mode's flags are read in `prepare` alone.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision import models as tv_models
 
-from visiontune import VisiontuneError, portable
+from visiontune import VisiontuneError, catalog, found, portable
 from visiontune.config import HEAD_GROUP, Mode, ModelSpec
 
 IMAGENET_CLASSES = 1000
+log = logging.getLogger("visiontune")
 
 
 MLFLOW_MODEL_PREFIXES = ("runs:/", "models:/")
@@ -37,16 +39,27 @@ class Weights:
         return self.name
 
 
-def resolve_weights(arch: str, value: str | None, launch_dir: Path) -> Weights | None:
+def resolve_weights(
+    arch: str, value: str | None, launch_dir: Path, source: str = "torchvision"
+) -> Weights | None:
     """`model.weights` as given: None, a weights name, an MLflow model URI, or a launch-dir-relative file."""
     if value is None:
         return None
     value = str(value)
-    if value == "DEFAULT" or value in tv_models.get_model_weights(arch).__members__:
+    if source == "timm" and value == "DEFAULT":
+        return Weights(arch, value, kind="timm")  # timm's pretrained weights, through its hub cache
+    if source != "timm" and (value == "DEFAULT" or value in _weights_names(arch)):
         return Weights(arch, value, kind="torchvision")
     if value.startswith(MLFLOW_MODEL_PREFIXES):
         return Weights(arch, value, kind="mlflow")
     return Weights(arch, str((launch_dir / value).resolve()), kind="file")
+
+
+def _weights_names(arch: str) -> tuple[str, ...]:
+    try:
+        return tuple(tv_models.get_model_weights(arch).__members__)
+    except (ValueError, KeyError):  # not a torchvision model: check_arch says so when it is built
+        return ()
 
 
 @dataclass
@@ -112,9 +125,13 @@ class PreparedModel:
 
 def prepare(spec: ModelSpec, mode: Mode, num_classes: int, weights: Weights | None) -> PreparedModel:
     """The one place a mode is applied: weights, heads, and what trains in the first epoch."""
-    module = build_model(spec, num_classes, weights if mode.pretrained else None)
     weights = weights if mode.pretrained else None
-    prepared = PreparedModel(module, spec, mode, weights, layer_groups(module, spec))
+    module, complete = build(spec, num_classes, weights)
+    prepared = PreparedModel(module, complete, mode, weights, layer_groups(module, complete))
+    if spec.found:
+        log.info(
+            "%s: head %s; layer groups %s", spec.arch, ", ".join(complete.heads), found.describe(complete)
+        )
     prepared.enter_epoch(1)
     return prepared
 
@@ -124,7 +141,8 @@ def layer_groups(module: nn.Module, spec: ModelSpec) -> dict[str, tuple[nn.Param
     module path containing it (AuxLogits is in a middle group, its head AuxLogits.fc in `head`)."""
     owner = {path: name for name, paths in spec.layer_groups.items() for path in paths}
     owner |= {path: HEAD_GROUP for path in spec.heads}
-    for path in owner:
+    names = dict(module.named_parameters())
+    for path in (p for p in owner if p not in names):  # a parameter's name (timm's groups), or a module
         try:
             module.get_submodule(path)
         except AttributeError:
@@ -132,8 +150,8 @@ def layer_groups(module: nn.Module, spec: ModelSpec) -> dict[str, tuple[nn.Param
                 f"conf/model/{spec.name}.yaml: {spec.arch} has no module {path!r} for its layer groups"
             ) from None
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in spec.group_names}
-    for name, param in module.named_parameters():
-        paths = [p for p in owner if name.startswith(f"{p}.")]
+    for name, param in names.items():
+        paths = [p for p in owner if name == p or name.startswith(f"{p}.")]
         if not paths:
             raise VisiontuneError(
                 f"conf/model/{spec.name}.yaml: parameter {name} of {spec.arch} is in no layer group; "
@@ -156,43 +174,59 @@ def _norms_of(module: nn.Module, params: list[nn.Parameter]) -> tuple[nn.Module,
 
 
 def build_model(spec: ModelSpec, num_classes: int, weights: Weights | None) -> nn.Module:
-    """`spec.arch` with `weights` (random init when None) and fresh `num_classes` heads, carrying
-    what a logged model needs to be rebuilt from its tensors alone (classifier.spec, portable.py)."""
-    model = _built(spec, num_classes, weights)
-    # The weights API's builder arguments are the pretrained ones (conf/model/inception.yaml).
-    kwargs = spec.scratch_kwargs if weights is None else spec.pretrained_kwargs
-    setattr(model, portable.BUILD_ATTRIBUTE, {"builder_kwargs": dict(kwargs), "heads": list(spec.heads)})
-    return model
+    """`spec.arch` with `weights` (random init when None) and fresh `num_classes` heads."""
+    return build(spec, num_classes, weights)[0]
 
 
-def _built(spec: ModelSpec, num_classes: int, weights: Weights | None) -> nn.Module:
+def build(spec: ModelSpec, num_classes: int, weights: Weights | None) -> tuple[nn.Module, ModelSpec]:
+    """The model with fresh `num_classes` heads, and its spec with what was found in it filled in
+    (model=torchvision|timm). The module carries what a logged model needs to be rebuilt from its
+    tensors alone (classifier.spec, portable.py)."""
+    model = _imagenet_model(spec, weights)
+    spec, kwargs = found.complete(spec, model, weights)
+    _swap_heads(model, spec, num_classes)
     if weights is not None and weights.kind == "mlflow":
-        return _from_logged_model(spec, weights.name, num_classes)
-    if weights is None:
-        model = tv_models.get_model(spec.arch, weights=None, **spec.scratch_kwargs)
-    elif weights.kind == "torchvision":
-        model = _from_weights_api(spec.arch, tv_models.get_model_weights(spec.arch)[weights.name])
-    else:
-        model = tv_models.get_model(
-            spec.arch, weights=None, num_classes=IMAGENET_CLASSES, **spec.pretrained_kwargs
-        )
-        model.load_state_dict(_read_state_dict(Path(weights.name), spec.arch, model))
-    for path in spec.heads:  # loaded at 1000 classes, then swapped: torchvision refuses other counts
-        replace_head(model, path, num_classes)
+        _load_logged_model(model, spec, weights.name)
+    build_facts = {"builder_kwargs": kwargs, "heads": list(spec.heads), "source": spec.source}
+    setattr(model, portable.BUILD_ATTRIBUTE, build_facts)
+    return model, spec
+
+
+def _imagenet_model(spec: ModelSpec, weights: Weights | None) -> nn.Module:
+    """`spec.arch` as its weights were trained (1000 ImageNet classes), the weights loaded
+    (an MLflow model's are loaded once the heads are swapped)."""
+    if spec.found:
+        catalog.check_arch(spec.source, spec.arch)
+    # The weights API's builder arguments are the pretrained ones (conf/model/inception.yaml).
+    kwargs = dict(spec.scratch_kwargs if weights is None else spec.pretrained_kwargs)
+    if spec.source == "timm":
+        return catalog.timm_model(spec.arch, weights, kwargs)
+    if weights is None or weights.kind == "mlflow":
+        return tv_models.get_model(spec.arch, weights=None, **kwargs)
+    if weights.kind == "torchvision":
+        return _from_weights_api(spec.arch, tv_models.get_model_weights(spec.arch)[weights.name])
+    model = tv_models.get_model(spec.arch, weights=None, num_classes=IMAGENET_CLASSES, **kwargs)
+    model.load_state_dict(read_state_dict(Path(weights.name), spec.arch, model))
     return model
 
 
-def _from_logged_model(spec: ModelSpec, uri: str, num_classes: int) -> nn.Module:
+def _swap_heads(model: nn.Module, spec: ModelSpec, num_classes: int) -> None:
+    """Heads loaded at 1000 classes, then swapped: torchvision refuses other counts."""
+    if spec.source == "timm":
+        model.reset_classifier(num_classes)  # timm's own: the head at the same path, fresh
+        return
+    for path in spec.heads:
+        replace_head(model, path, num_classes)
+
+
+def _load_logged_model(model: nn.Module, spec: ModelSpec, uri: str) -> None:
     """A model logged by an earlier visiontune run: its backbone, and its heads where the classes match.
 
-    Heads with another class count are made new: fine-tuning a fine-tuned model on new data.
+    Heads with another class count stay new: fine-tuning a fine-tuned model on new data.
     """
     from visiontune import store
 
     logged = store.load_model(uri).state_dict()
-    model = tv_models.get_model(spec.arch, weights=None, **spec.pretrained_kwargs)
-    for path in spec.heads:
-        replace_head(model, path, num_classes)
     own = model.state_dict()
     heads = {k for k in own if k.startswith(tuple(f"{h}." for h in spec.heads))}
     keep_heads = all(k in logged and logged[k].shape == own[k].shape for k in heads)
@@ -204,7 +238,6 @@ def _from_logged_model(spec: ModelSpec, uri: str, num_classes: int) -> nn.Module
             f"shape, e.g. {unfit[:2]}): pick the model=... it was trained as"
         )
     model.load_state_dict({k: logged[k] for k in wanted}, strict=False)
-    return model
 
 
 def _from_weights_api(arch: str, weights: tv_models.WeightsEnum) -> nn.Module:
@@ -220,12 +253,11 @@ def _from_weights_api(arch: str, weights: tv_models.WeightsEnum) -> nn.Module:
         ) from err
 
 
-def _read_state_dict(path: Path, arch: str, model: nn.Module) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, arch: str, model: nn.Module) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise VisiontuneError(
-            f"model.weights={path}: no such file. Pass a state-dict file saved from torchvision's "
-            f"{arch} (1000 classes), model.weights=DEFAULT for torchvision's ImageNet weights, "
-            f"or mode=scratch."
+            f"model.weights={path}: no such file. Pass a state-dict file saved from {arch} "
+            f"(1000 classes), model.weights=DEFAULT for its ImageNet weights, or mode=scratch."
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -245,7 +277,7 @@ def _read_state_dict(path: Path, arch: str, model: nn.Module) -> dict[str, torch
     reshaped = sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)
     if missing or unexpected or reshaped:
         raise VisiontuneError(
-            f"model.weights={path} does not fit torchvision's {arch} with {IMAGENET_CLASSES} classes: "
+            f"model.weights={path} does not fit {arch} as its weights were trained: "
             f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
             f"{unexpected[:3]}, {len(reshaped)} of another shape {reshaped[:3]}. "
             f"Is it a state dict of another architecture? Pick the matching model=..."

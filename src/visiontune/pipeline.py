@@ -116,7 +116,9 @@ def set_up(settings: Settings, job: Job, device: torch.device) -> SetUp:
     checked = check_data(settings.data, job.launch_dir, settings.seed)
     runtime.make_deterministic(settings.runtime.deterministic)
     torch.manual_seed(settings.seed)  # every rank starts from the same weights (DDP also copies rank 0's)
-    weights = models.resolve_weights(settings.model.arch, settings.weights, job.launch_dir)
+    weights = models.resolve_weights(
+        settings.model.arch, settings.weights, job.launch_dir, settings.model.source
+    )
     prepared = models.prepare(settings.model, settings.mode, len(checked.classes), weights)
     announce(prepared, settings.mode, checked, device)
     val_bytes = data.replay_bytes(len(checked.samples["val"]), prepared.spec.input_size)
@@ -274,7 +276,9 @@ def build_training(
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        runtime=runtime.Runtime(device, data.Normalizer(device), amp_dtype, channels_last),
+        runtime=runtime.Runtime(
+            device, data.Normalizer(device, prepared.spec.mean, prepared.spec.std), amp_dtype, channels_last
+        ),
         epochs=settings.epochs,
         scheduler_per_batch=settings.optim.per_batch,
         backbone_batches=backbone_batches(settings),

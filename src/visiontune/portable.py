@@ -1,15 +1,16 @@
 """The logged model's own code: its weights rebuilt without unpickling, and images read into answers.
 
 Each logged model carries a copy of this file as `code/visiontune_model.py` (MLflow's code_paths),
-so `mlflow.pyfunc.load_model` needs torch, torchvision, pillow, numpy and pandas, not visiontune.
+so `mlflow.pyfunc.load_model` needs torch, torchvision, pillow, numpy and pandas (and timm for a
+timm model), not visiontune.
 It therefore imports nothing of visiontune; visiontune's own loader (flavor.py) reads models
 with this module too, so both rebuild a model the same way.
 
-A model directory's `data/` holds `spec.json` (the torchvision builder, its arguments, the head
-paths, the classes and the preprocessing) and `weights.pt`, a state dict of tensors read with
-`torch.load(weights_only=True)`: a tampered file is refused, never run. The preprocessing repeats
-visiontune.data's validation path (decode, EXIF turn, RGB, resize, centre crop, normalise);
-tests/test_flavor.py checks that both score an image alike.
+A model directory's `data/` holds `spec.json` (the torchvision builder or timm model name, its
+source, its arguments, the head paths, the classes and the preprocessing) and `weights.pt`, a
+state dict of tensors read with `torch.load(weights_only=True)`: a tampered file is refused, never
+run. The preprocessing repeats visiontune.data's validation path (decode, EXIF turn, RGB, resize,
+centre crop, normalise); tests/test_flavor.py checks that both score an image alike.
 """
 
 from __future__ import annotations
@@ -99,14 +100,11 @@ def read_spec(data_dir: Path) -> dict:
 def load_module(data_dir: Path, spec: dict):
     """The torchvision module the spec names, with the weights of `data_dir`, in eval mode."""
     import torch
-    from torchvision import models
 
     try:
-        module = models.get_model(spec["arch"], weights=None, **spec["builder_kwargs"])
-    except (ValueError, TypeError, KeyError) as err:
+        module = build(spec)
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
         raise ModelFileError(f"{Path(data_dir) / SPEC_FILE}: cannot build {spec['arch']!r} ({err})") from None
-    for path in spec["heads"]:
-        replace_head(module, path, len(spec["classes"]))
     path = Path(data_dir) / WEIGHTS_FILE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -123,6 +121,23 @@ def load_module(data_dir: Path, spec: dict):
         first = str(err).splitlines()[0][:200]
         raise ModelFileError(f"{path} does not fit {spec['arch']} ({first})") from None
     return module.eval()
+
+
+def build(spec: dict):
+    """The spec's architecture with random weights and heads of its class count: a torchvision
+    builder, or (source "timm") timm.create_model, which needs timm installed."""
+    if spec.get("source", "torchvision") == "timm":
+        import timm
+
+        return timm.create_model(
+            spec["arch"], pretrained=False, num_classes=len(spec["classes"]), **spec["builder_kwargs"]
+        )
+    from torchvision import models
+
+    module = models.get_model(spec["arch"], weights=None, **spec["builder_kwargs"])
+    for path in spec["heads"]:
+        replace_head(module, path, len(spec["classes"]))
+    return module
 
 
 def replace_head(module, path: str, num_classes: int) -> None:

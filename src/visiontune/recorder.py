@@ -352,6 +352,8 @@ def run_params(cfg: DictConfig, settings: Settings, setup: SetUp, device) -> dic
             "skipped_images": checked.skipped,
             "trainable_params": trainable,
             "total_params": total,
+            # What model=torchvision|timm found in the model and its weights (null in the config).
+            **prepared.spec.found_params(),
             "device_used": str(device),
             # batch_size is per rank, as in timm: each optimiser step sees world_size times as many images.
             "world_size": world,
@@ -426,7 +428,9 @@ def log_model(
 
     spec = prepared.spec
     distributed.plain_batchnorm(prepared.module)  # the logged model runs in one process
-    model = classifier.Classifier(prepared.module, checked.classes, spec.input_size, spec.name, spec.arch)
+    model = classifier.Classifier(
+        prepared.module, checked.classes, spec.input_size, spec.name, spec.arch, mean=spec.mean, std=spec.std
+    )
     model.multilabel, model.threshold = checked.multilabel, threshold
     image = next(iter(val_loader))[0][0].cpu()
     example = encode_jpeg(image, quality=90).numpy().tobytes()

@@ -373,6 +373,7 @@ def log_model(classifier, example: bytes, registered_name: str | None = None) ->
                 f"pillow=={_version('pillow')}",
                 f"pandas=={_version('pandas')}",
                 f"numpy=={_version('numpy')}",
+                *([f"timm=={_version('timm')}"] if classifier.spec()["source"] == "timm" else []),
             ],
         )
     return info.model_uri
