@@ -45,3 +45,9 @@ _SECRET_QUERY = re.compile(
 def redact(text: str) -> str:
     """`text` with credentials in URIs replaced by ***: what may be printed, tagged or logged."""
     return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1\2:***@", text))
+
+
+def is_fraction(value) -> bool:
+    """Whether a config value is a number from 0 up to (not including) 1: bools, which YAML reads
+    from true/false and Python counts as ints, are not."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value < 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from visiontune import VisiontuneError
+from visiontune import VisiontuneError, is_fraction
 
 PRECISIONS = ("auto", "off", "bf16", "fp16")
 
@@ -553,7 +553,7 @@ def _sampler(cfg: DictConfig, tables: TableSettings | None) -> str:
 
 def _threshold(cfg: DictConfig) -> float:
     threshold = _value(cfg, "predict.threshold")
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1:
+    if not is_fraction(threshold) or threshold == 0:
         raise VisiontuneError(
             f"predict.threshold={threshold} must be a probability between 0 and 1, e.g. 0.5"
         )
@@ -621,7 +621,7 @@ def _optim_settings(cfg: DictConfig) -> OptimSettings:
     lr_decay = _value(cfg, "optimizer.lr_decay")
     _check_number("optimizer.lr_decay", lr_decay, 0.3, whole=False)
     smoothing = cfg.loss.label_smoothing
-    if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing < 1:
+    if not is_fraction(smoothing):
         raise VisiontuneError(
             f"loss.label_smoothing={smoothing} must be a number from 0 up to (not including) 1, e.g. 0.1"
         )
@@ -656,9 +656,7 @@ def _class_weights(cfg: DictConfig) -> str | None:
 def _loop_settings(cfg: DictConfig) -> LoopSettings:
     """ema, early_stopping, accumulate_batches and clip_grad_norm, checked."""
     decay = _value(cfg, "ema.decay")
-    if decay is not None and (
-        isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < 1
-    ):
+    if decay is not None and not is_fraction(decay):
         raise VisiontuneError(
             f"ema.decay={decay} must be null (no average) or a number from 0 up to (not including) 1, "
             f"e.g. ema.decay=0.999 (0 or null: off)"
@@ -701,7 +699,7 @@ def range_test_settings(cfg: DictConfig) -> RangeTestSettings:
             f"{found.start_lr}, end_lr={found.end_lr}, steps={found.steps}), e.g. lr_find.end_lr=10"
         )
     smoothing = found.smoothing
-    if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing < 1:
+    if not is_fraction(smoothing):
         raise VisiontuneError(
             f"lr_find.smoothing={smoothing} must be from 0 up to (not including) 1, e.g. 0.98"
         )

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from visiontune import VisiontuneError
+from visiontune import VisiontuneError, is_fraction
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _salted(seed: int, what: str) -> str:
 def check_plan(val_fraction, test_fraction, folds, fold) -> None:
     """The split keys' values, each a usable number; one line naming the key otherwise."""
     for key, value in (("data.val_fraction", val_fraction), ("data.test_fraction", test_fraction)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        if not is_fraction(value):
             raise VisiontuneError(
                 f"{key}={value} must be a fraction from 0 up to (not including) 1, e.g. {key}=0.2"
             )
