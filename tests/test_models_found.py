@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -189,7 +190,7 @@ def test_feature_extraction_trains_bit_for_bit_cut_or_whole(source, arch, cut, c
     in one line. Either way: the losses and the head's weights of the plain loop, at float32."""
     from helpers import cpu_training
     from visiontune import engine
-    from visiontune.frozen import FrozenBackbone
+    from visiontune.frozen import BackboneCache, FrozenBackbone
 
     caplog.set_level(logging.INFO, logger="visiontune.frozen")
     generator = torch.Generator().manual_seed(1)
@@ -202,7 +203,11 @@ def test_feature_extraction_trains_bit_for_bit_cut_or_whole(source, arch, cut, c
         optimizer = torch.optim.SGD([p for p in prepared.module.parameters() if p.requires_grad], lr=0.1)
         frozen = FrozenBackbone(prepared.module, prepared.spec.heads) if split else None
         torch.manual_seed(3)
-        result = engine.train_one_epoch(cpu_training(prepared, optimizer), batches, frozen=frozen, per_pass=3)
+        training = cpu_training(prepared, optimizer)
+        result = engine.train_one_epoch(training, batches, frozen=frozen, per_pass=3)
+        if split:  # a sweep's later job finds its val outputs by this key, cut or whole
+            val = SimpleNamespace(identity="val batches")
+            assert BackboneCache(frozen, 2**20).shared_key(val, training.runtime) is not None
         head = prepared.module.get_submodule(prepared.spec.head)
         results.append((result.loss, result.acc, [p.detach().clone() for p in head.parameters()]))
     (loss, acc, weights), (split_loss, split_acc, split_weights) = results

@@ -134,7 +134,8 @@ class BackboneCache:
         stem = self.backbone.eval_stem
         weights = sharing.tensors_digest(stem.state_dict().values())
         where = (str(runtime.device), str(runtime.amp_dtype), runtime.channels_last)
-        return sharing.key("backbone", stem.code, weights, where, identity)
+        code = getattr(stem, "code", type(stem).__qualname__)  # _Images (no fx cut) has no graph
+        return sharing.key("backbone", code, weights, where, identity)
 
 
 # Up to this many batches per frozen pass on a GPU, within a quarter of its free memory: at
