@@ -36,7 +36,13 @@ def run_one(args, overrides: list[str], seed: int, workdir: Path) -> tuple[float
 
     command = [sys.executable, "-m", "visiontune.train", "model=resnet", "mode=scratch"]
     command += ["data=imagefolder", f"data.root={args.data.resolve()}", f"epochs={args.epochs}"]
-    command += [f"seed={seed}", "mlflow.log_model=false", "checkpoint.every_epochs=0", *overrides, *args.extra]
+    command += [
+        f"seed={seed}",
+        "mlflow.log_model=false",
+        "checkpoint.every_epochs=0",
+        *overrides,
+        *args.extra,
+    ]
     tic = time.perf_counter()
     result = subprocess.run(command, cwd=workdir, env=visiontune_env(workdir), capture_output=True, text=True)
     wall = time.perf_counter() - tic
@@ -90,6 +96,7 @@ def main() -> None:
     for name in args.cases:
         per_seed = " ".join(f"{b:.4f}" for b in best[name])
         print(f"{name:10s}{spread(best[name]):>44s}{wall[name] / 60:10.1f}  {per_seed}", flush=True)
+
 
 if __name__ == "__main__":
     main()
