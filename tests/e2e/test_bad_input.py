@@ -117,8 +117,16 @@ def test_weights_of_another_architecture_fail_the_run_in_one_line(tmp_path, tiny
     assert run.info.status == "FAILED"
 
 
-@pytest.mark.parametrize("multirun", [False, True], ids=["run", "sweep"])
-@pytest.mark.parametrize("typed", ["2024", "nan", "true"])
+# A number and a flag, one as a run and one as a sweep, by default; every pairing with -m slow.
+NAMES = [
+    pytest.param(typed, multirun, id=f"{typed}-{'sweep' if multirun else 'run'}", marks=marks)
+    for typed in ("2024", "nan", "true")
+    for multirun in (False, True)
+    for marks in [() if (typed, multirun) in {("2024", False), ("true", True)} else pytest.mark.slow]
+]
+
+
+@pytest.mark.parametrize(("typed", "multirun"), NAMES)
 def test_an_experiment_named_like_a_number_or_a_flag_keeps_the_name_typed(
     tmp_path, tiny_folder, typed, multirun
 ):

@@ -102,7 +102,14 @@ BROKEN = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BROKEN))
+# A torn weights file and a garbled MLmodel by default (each case is a CLI start); the rest with -m slow.
+CASES = [
+    pytest.param(case, marks=() if case in {"torn weights", "garbled MLmodel"} else pytest.mark.slow)
+    for case in sorted(BROKEN)
+]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_a_broken_model_folder_is_refused_in_one_line_that_names_the_file(logged, tmp_path, case):
     _, _, logged_folder = logged
     folder = tmp_path / "copy"
