@@ -1,6 +1,7 @@
 """Best val accuracy of the tutorial's augmentation against recipe=strong, resnet from scratch.
 
     python benchmarks/recipe_vs_tutorial.py                       # 3 seeds x 30 epochs x 2 cases
+    python benchmarks/recipe_vs_tutorial.py --cases strong-nomix,tutorial-adamw  # parts of the recipe
     python benchmarks/recipe_vs_tutorial.py --seeds 1 --epochs 1 model.input_size=64   # a smoke test
     python benchmarks/recipe_vs_tutorial.py --seeds 5 data.gpu_augment=true    # more overrides, both cases
 
@@ -12,7 +13,12 @@ cut short is still a fair comparison. The figure is each run's best_val_acc. The
 
     tutorial   augment=tutorial (RandomResizedCrop and a flip), sgd, no schedule: the defaults
     strong     recipe=strong (conf/recipe/strong.yaml: TrivialAugment, random erasing 0.25,
-               mixup 0.2 / cutmix 1.0, label smoothing 0.1, adamw, one-cycle)
+               mixup 0.2 / cutmix 1.0, label smoothing 0.1, EMA 0.99, adamw, one-cycle)
+
+and, to see which part of the recipe makes the difference (--cases all, or some by name):
+
+    strong-nomix    recipe=strong without mixup and cutmix
+    tutorial-adamw  the tutorial's augmentation with the recipe's adamw and one-cycle schedule
 """
 
 from __future__ import annotations
@@ -27,7 +33,13 @@ from pathlib import Path
 
 from common import DATA, machine, visiontune_env
 
-CASES = {"tutorial": [], "strong": ["recipe=strong"]}
+CASES = {
+    "tutorial": [],
+    "strong": ["recipe=strong"],
+    "strong-nomix": ["recipe=strong", "augment.mixup_alpha=0", "augment.cutmix_alpha=0"],
+    "tutorial-adamw": ["optimizer=adamw", "scheduler=onecycle"],
+}
+MAIN_CASES = ["tutorial", "strong"]
 
 
 def run_one(args, overrides: list[str], seed: int, workdir: Path) -> tuple[float, float]:
@@ -68,9 +80,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="runs per case, seeds 1 to N")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument(
+        "--cases", default=",".join(MAIN_CASES), help=f"comma-separated, of {', '.join(CASES)}; or all"
+    )
     parser.add_argument("extra", nargs="*", help="more visiontune overrides for both cases")
     args = parser.parse_args()
+    args.cases = list(CASES) if args.cases == "all" else args.cases.split(",")
+    if unknown := set(args.cases) - set(CASES):
+        raise SystemExit(f"--cases: no case {', '.join(sorted(unknown))}; the cases are {', '.join(CASES)}")
     if not args.data.is_dir():
         raise SystemExit(f"{args.data} does not exist: pass --data PATH (the hymenoptera folder)")
 
@@ -91,11 +108,11 @@ def main() -> None:
                 acc, seconds = run_one(args, CASES[name], seed, workdir)
                 best[name].append(acc)
                 wall[name] += seconds
-                print(f"seed {seed} {name:10s} best_val_acc {acc:.4f}  {seconds / 60:.1f} min", flush=True)
-    print(f"{'case':10s}{'best val acc: mean ± sd (min to max)':>44s}{'wall min':>10s}  per seed")
+                print(f"seed {seed} {name:16s} best_val_acc {acc:.4f}  {seconds / 60:.1f} min", flush=True)
+    print(f"{'case':16s}{'best val acc: mean ± sd (min to max)':>44s}{'wall min':>10s}  per seed")
     for name in args.cases:
         per_seed = " ".join(f"{b:.4f}" for b in best[name])
-        print(f"{name:10s}{spread(best[name]):>44s}{wall[name] / 60:10.1f}  {per_seed}", flush=True)
+        print(f"{name:16s}{spread(best[name]):>44s}{wall[name] / 60:10.1f}  {per_seed}", flush=True)
 
 
 if __name__ == "__main__":
