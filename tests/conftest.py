@@ -11,6 +11,17 @@ import pytest
 from helpers import FAST, SPECS, make_image_folder, run_cli, store_runs
 
 
+@pytest.fixture(autouse=True)
+def _fresh_url_opener():
+    """urllib builds its global opener on first use, with the proxies of the environment then: a
+    test that points the proxies at a closed port (offline_env) would leave that opener to every
+    later test in its process, and a download from a local server would fail after it."""
+    import urllib.request
+
+    yield
+    urllib.request.install_opener(None)
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "tiny", {"train": 6, "val": 4})
