@@ -134,8 +134,7 @@ class BackboneCache:
         stem = self.backbone.eval_stem
         weights = sharing.tensors_digest(stem.state_dict().values())
         where = (str(runtime.device), str(runtime.amp_dtype), runtime.channels_last)
-        code = getattr(stem, "code", type(stem).__qualname__)  # _Images (no fx cut) has no graph
-        return sharing.key("backbone", code, weights, where, identity)
+        return sharing.key("backbone", stem.code, weights, where, identity)
 
 
 # Up to this many batches per frozen pass on a GPU, within a quarter of its free memory: at
@@ -200,6 +199,9 @@ def _check_per_image(graph: torch.fx.Graph, crossing: list[torch.fx.Node]) -> No
 
 class _Images(nn.Module):
     """The stem of a model fx cannot cut: its input, as the one tensor the rest (the model) reads."""
+
+    # What a cut stem's fx `code` is to the shared-cache key: this stem's whole computation.
+    code = "def forward(self, images): return (images,)"
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
         return (images,)
